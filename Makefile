@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Each creates
+# the virtual environment .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SOURCES := pyproject.toml $(shell find bnjax -name '*.py' -o -name py.typed)
+
+.PHONY: demo test lint clean
+
+demo: $(VENV)/.deps-examples $(VENV)/.bnjax
+	$(BIN)/python examples/digits.py
+
+test: $(VENV)/.deps-test $(VENV)/.bnjax lint
+	$(BIN)/pytest
+
+lint: $(VENV)/.deps-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Third-party dependencies, reinstalled only when pyproject.toml changes.
+$(VENV)/.deps-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check ".[$*]"
+	touch $@
+
+# bnjax itself, installed (not editable) so the tests see what users get.
+$(VENV)/.bnjax: $(SOURCES) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		--no-deps --force-reinstall .
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Implementation of bnjax; import the public names from `bnjax`."""

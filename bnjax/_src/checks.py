@@ -1,0 +1,135 @@
+"""Argument checks, run at trace time.
+
+Every message has the form "`arg` must be X, got Y" and names the fix where
+there is one. Checks read only static information (shapes, dtypes, Python
+numbers), so they cost nothing inside a compiled function.
+"""
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def check_train(train: Any) -> None:
+    """`train` selects a code path at trace time, so it must be a Python bool."""
+    if isinstance(train, jax.core.Tracer):
+        raise TypeError(
+            "`train` must be a Python bool, got a traced value "
+            f"({train.aval}). Mark it static, e.g. "
+            "`jax.jit(f, static_argnames='train')`, or close over it."
+        )
+    if not isinstance(train, bool | np.bool_):
+        raise TypeError(f"`train` must be a Python bool, got {train!r}.")
+
+
+def check_floating(x: jax.Array, name: str = "x") -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating dtype, got {dtype}. "
+            f"Cast it first, e.g. `{name}.astype(jnp.float32)`."
+        )
+
+
+def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Turns `axis` (an int or a sequence of ints) into sorted non-negative axes."""
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if not axes:
+        raise ValueError(f"`{name}` must name at least one axis, got {axis!r}.")
+    result = []
+    for a in axes:
+        if not isinstance(a, int | np.integer):
+            raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`{name}` must be in [{-ndim}, {ndim}) for an input of rank {ndim}, got {a}."
+            )
+        result.append(int(a) % ndim)
+    if len(set(result)) != len(result):
+        raise ValueError(f"`{name}` must not repeat an axis, got {axis!r}.")
+    return tuple(sorted(result))
+
+
+def check_feature_axis(axis: Any, ndim: int) -> int:
+    """The one feature axis of BatchNorm-like normalizers, as a non-negative int."""
+    if not isinstance(axis, int | np.integer):
+        raise TypeError(f"`axis` must be a single int (the feature axis), got {axis!r}.")
+    return normalize_axes(axis, ndim)[0]
+
+
+def check_param_shape(name: str, value: jax.Array | None, expected: tuple[int, ...], what: str) -> None:
+    """`value` (a parameter or a running statistic) must have shape `expected`."""
+    if value is not None and tuple(jnp.shape(value)) != expected:
+        raise ValueError(
+            f"`{name}` must have shape {expected} to match {what}, got {tuple(jnp.shape(value))}."
+        )
+
+
+def check_momentum(momentum: float | None) -> None:
+    if momentum is None or isinstance(momentum, jax.core.Tracer):
+        return
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"`momentum` must be in [0, 1] or None, got {momentum}.")
+
+
+def check_epsilon(epsilon: float) -> None:
+    if isinstance(epsilon, jax.core.Tracer):
+        return
+    if not epsilon > 0:
+        raise ValueError(f"`epsilon` must be > 0, got {epsilon}.")
+
+
+def broadcast_mask(mask: Any, x_shape: tuple[int, ...], feature_axis: int) -> jax.Array:
+    """Checks a mask against `x_shape` without its feature axis.
+
+    Returns:
+      A boolean array of rank `len(x_shape)` whose feature axis has size 1 and
+      whose other axes have size 1 or the size of `x`'s axis.
+    """
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"`mask` must be boolean, got dtype {mask.dtype}. Use e.g. `mask.astype(bool)`."
+        )
+    batch_shape = x_shape[:feature_axis] + x_shape[feature_axis + 1 :]
+    padded = (1,) * (len(batch_shape) - mask.ndim) + mask.shape
+    if mask.ndim > len(batch_shape) or any(m not in (1, b) for m, b in zip(padded, batch_shape)):
+        raise ValueError(
+            f"`mask` must be broadcastable to the input's shape without its feature axis, "
+            f"{batch_shape}, got shape {mask.shape}."
+        )
+    full = padded[:feature_axis] + (1,) + padded[feature_axis:]
+    return mask.reshape(full)
+
+
+def mapped_axis_size(axis_name: Hashable | tuple[Hashable, ...] | None) -> int:
+    """Number of devices (or vmapped instances) along `axis_name`; 1 for None."""
+    if axis_name is None:
+        return 1
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as e:
+        raise ValueError(
+            f"`axis_name` must name an axis bound by an enclosing `shard_map`, "
+            f"`vmap(..., axis_name=...)` or `pmap`, got {axis_name!r}, which is not bound."
+        ) from e
+
+
+def check_values_per_feature(count: int, x_shape: tuple[int, ...], axis_name: Any) -> None:
+    """Training statistics need more than one value per feature, as in PyTorch."""
+    if count <= 1:
+        where = f" across `axis_name={axis_name!r}`" if axis_name is not None else ""
+        raise ValueError(
+            f"`x` must have more than one value per feature in training mode{where}, "
+            f"got shape {x_shape}. Use a larger batch, or `train=False`."
+        )
+
+
+def check_size(name: str, value: Any) -> None:
+    """A layer size: a positive int."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")

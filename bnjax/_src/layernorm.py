@@ -1,0 +1,99 @@
+"""Layer Normalization as a pure function of params and input."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bnjax._src import checks, stats
+from bnjax._src.types import NormParams
+
+
+def layernorm_init(
+    feature_shape: int | Sequence[int],
+    *,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> NormParams:
+    """Creates LayerNorm parameters.
+
+    Args:
+      feature_shape: the sizes of the normalized axes, in increasing axis
+        order: an int for one axis (`C` for `axis=-1`), or a tuple such as
+        `(H, W, C)` for `axis=(-3, -2, -1)`.
+      use_scale: learn a scale per normalized position (initialized to 1).
+        Default True.
+      use_bias: learn a bias per normalized position (initialized to 0).
+        Default True.
+      param_dtype: dtype of the parameters. Default float32.
+
+    Returns:
+      `NormParams(scale, bias)`, each of shape `feature_shape` or `None`.
+
+    Example:
+      >>> bnjax.layernorm_init((2, 3)).scale.shape
+      (2, 3)
+    """
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    for i, n in enumerate(shape):
+        checks.check_size(f"feature_shape[{i}]", n)
+    return NormParams(
+        scale=jnp.ones(shape, param_dtype) if use_scale else None,
+        bias=jnp.zeros(shape, param_dtype) if use_bias else None,
+    )
+
+
+def layernorm_apply(
+    params: NormParams,
+    x: jax.Array,
+    *,
+    axis: int | Sequence[int] = -1,
+    epsilon: float = 1e-5,
+) -> jax.Array:
+    """Normalizes each example of `x` over the axes `axis`.
+
+    `y = (x - mean) / sqrt(var + epsilon) * scale + bias`, where `mean` and
+    the biased `var` are taken per example over the normalized axes, and
+    `scale` and `bias` hold one value per position of those axes. There is
+    no running state: training and evaluation compute the same thing.
+
+    Args:
+      params: `NormParams` from `layernorm_init(feature_shape)`, fields of
+        shape `tuple(x.shape[a] for a in sorted(axis))` or `None`.
+      x: floating input of any rank. Statistics of bfloat16/float16 inputs
+        are accumulated in float32; the output has `x`'s dtype.
+      axis: the normalized axes, an int or a tuple of ints. Default -1 (the
+        feature axis; numpy-ml's `LayerNorm1D`). `(-3, -2, -1)` is numpy-ml's
+        `LayerNorm2D` on `(N, H, W, C)` inputs.
+      epsilon: added to the variance, > 0. Default 1e-5.
+
+    Returns:
+      `y`, of `x`'s shape and dtype.
+
+    Raises:
+      TypeError: `x` is not floating.
+      ValueError: `axis` is out of range or repeated; params do not have the
+        shape of the normalized axes; `epsilon <= 0`.
+
+    Example:
+      >>> params = bnjax.layernorm_init(4)
+      >>> bnjax.layernorm_apply(params, jnp.array([[1.0, 2.0, 3.0, 4.0]])).round(3)
+      Array([[-1.342, -0.447,  0.447,  1.342]], dtype=float32)
+
+    References:
+      Ba, Kiros & Hinton 2016, Layer Normalization, arXiv:1607.06450.
+    """
+    checks.check_floating(x)
+    axes = checks.normalize_axes(axis, x.ndim)
+    checks.check_epsilon(epsilon)
+    expected = tuple(x.shape[a] for a in axes)
+    what = f"the normalized axes {axes} of `x` with shape {x.shape}"
+    checks.check_param_shape("params.scale", params.scale, expected, what)
+    checks.check_param_shape("params.bias", params.bias, expected, what)
+
+    batch = stats.moments(x, axes)
+    scale = stats.broadcast_to_axes(params.scale, x.ndim, axes)
+    bias = stats.broadcast_to_axes(params.bias, x.ndim, axes)
+    return stats.normalize(x, batch.mean, batch.var, scale, bias, epsilon)

@@ -1,0 +1,170 @@
+"""Moments and their application: the one place bnjax computes statistics.
+
+Every normalizer reduces its input to a mean and a biased variance with
+`moments`, then applies them with `normalize`. Keeping both here gives all
+normalizers the same guarantees:
+
+* float32 accumulation for bfloat16/float16 inputs (float64 stays float64),
+  without materializing a converted copy of the input;
+* a variance that is stable for inputs whose mean is far larger than their
+  spread, in one pass over the input (see `moments`);
+* masks, weighted by how many entries each position contributes;
+* exact synchronization across a mapped axis, in one collective.
+"""
+
+import math
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+AxisName = Hashable | tuple[Hashable, ...]
+
+
+class Moments(NamedTuple):
+    """Statistics of an input over its reduced axes (kept with size 1).
+
+    Attributes:
+      mean: the mean, in the statistics dtype (float32, or float64 for
+        float64 inputs).
+      var: the biased variance (divide by `count`), same shape and dtype.
+      count: how many entries contributed: a Python int when every entry
+        does, otherwise an array broadcastable to `mean`.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: int | jax.Array
+
+
+def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype statistics are accumulated in: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+) -> Moments:
+    """Mean and biased variance of `x` over `axes`.
+
+    The variance is taken in one pass on shifted data: with `s` an entry of
+    `x` per kept position (held out of the gradient), `d = x - s` gives
+    `var = E[d^2] - E[d]^2`. The two sums fuse into one read of `x`, and
+    since `s` lies within the data's spread of the mean, the cancellation
+    that ruins the unshifted form (`E[x^2] - E[x]^2` for mean 1e4, std 1 in
+    float32) does not occur. Both results are exact functions of `x` for any
+    `s`, so gradients of every order are those of the textbook formulas.
+
+    Args:
+      x: floating input of any rank.
+      axes: the reduced axes, sorted and non-negative.
+      mask: optional boolean array of `x`'s rank, each axis of size 1 or of
+        `x`'s size; False entries do not contribute.
+      axis_name: optional mapped axis (or tuple of axes) to synchronize over.
+        Per-device moments are pooled exactly, weighted by count, in one
+        `all_gather` of `(count, mean, var)`.
+
+    Returns:
+      `Moments` with `mean` and `var` of shape `x.shape` with `axes` set to 1.
+      Positions with no contributing entry get mean and variance 0.
+    """
+    dtype = stats_dtype(x.dtype)
+    shift = lax.stop_gradient(_shift(x, axes, mask)).astype(dtype)
+    d = x.astype(dtype) - shift
+    if mask is None:
+        count: int | jax.Array = math.prod(x.shape[a] for a in axes)
+        safe_count: int | jax.Array = count
+    else:
+        d = jnp.where(mask, d, 0)
+        # Axes the mask does not span count every entry along them.
+        repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
+        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype) * repeats
+        safe_count = jnp.maximum(count, 1)
+    mean_d = jnp.sum(d, axis=axes, keepdims=True) / safe_count
+    mean_d2 = jnp.sum(d * d, axis=axes, keepdims=True) / safe_count
+    var = jnp.maximum(mean_d2 - mean_d * mean_d, 0)
+    mean = shift + mean_d
+    if mask is not None:
+        mean = jnp.where(count > 0, mean, 0)
+    if axis_name is not None:
+        return _pool_across(Moments(mean, var, count), axis_name)
+    return Moments(mean, var, count)
+
+
+def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
+    """An entry of `x` per kept position that contributes to the statistics.
+
+    Without a mask it is the first entry along `axes`. With a mask that is the
+    same for every kept position (BatchNorm's), it is the first unmasked
+    entry, found on the mask alone. Otherwise the masked mean serves, at the
+    price of one extra read of `x`.
+    """
+    sizes = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    if mask is None:
+        return lax.slice(x, (0,) * x.ndim, sizes)
+    if any(mask.shape[a] != 1 for a in range(x.ndim) if a not in axes):
+        dtype = stats_dtype(x.dtype)
+        full_mask = jnp.broadcast_to(mask, x.shape)
+        total = jnp.maximum(jnp.sum(full_mask, axis=axes, keepdims=True, dtype=dtype), 1)
+        masked = jnp.where(mask, x.astype(dtype), 0)
+        return jnp.sum(masked, axis=axes, keepdims=True) / total
+    first = jnp.unravel_index(jnp.argmax(mask.reshape(-1)), mask.shape)
+    starts = tuple(first[a] if a in axes else 0 for a in range(x.ndim))
+    return lax.dynamic_slice(x, starts, sizes)
+
+
+def _pool_across(local: Moments, axis_name: AxisName) -> Moments:
+    """Pools per-device moments exactly: the parallel-variance formula."""
+    count = jnp.broadcast_to(jnp.asarray(local.count, local.mean.dtype), local.mean.shape)
+    gathered = lax.all_gather(jnp.stack([count, local.mean, local.var]), axis_name)
+    counts, means, variances = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    total = jnp.sum(counts, axis=0)
+    safe_total = jnp.maximum(total, 1)
+    mean = jnp.sum(counts * means, axis=0) / safe_total
+    spread = variances + jnp.square(means - mean)
+    var = jnp.sum(counts * spread, axis=0) / safe_total
+    if isinstance(local.count, int):
+        return Moments(mean, var, local.count * counts.shape[0])
+    return Moments(mean, var, total)
+
+
+def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
+    """Reshapes a parameter laid out over `axes` so it broadcasts at rank `ndim`."""
+    if p is None:
+        return None
+    shape = [1] * ndim
+    for a, n in zip(axes, np.shape(p)):
+        shape[a] = n
+    return jnp.reshape(p, shape)
+
+
+def normalize(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    epsilon: float,
+) -> jax.Array:
+    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, in `x`'s dtype.
+
+    All statistics and parameters must already broadcast against `x` at its
+    rank. The arithmetic runs in the statistics dtype and fuses into one
+    elementwise pass. Subtracting the mean before scaling keeps the result
+    exact for inputs with a large mean.
+    """
+    dtype = stats_dtype(x.dtype)
+    factor = lax.rsqrt(var.astype(dtype) + epsilon)
+    if scale is not None:
+        factor = factor * scale.astype(dtype)
+    y = (x.astype(dtype) - mean.astype(dtype)) * factor
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y.astype(x.dtype)

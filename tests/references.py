@@ -1,0 +1,78 @@
+"""Independent references: float64 numpy formulas, and numpy-ml's layers.
+
+Nothing here imports bnjax. Every expected value in the tests comes from
+these functions or from another library, never from the code under test.
+"""
+
+import collections
+import collections.abc
+import importlib
+import warnings
+
+import numpy as np
+
+
+def batchnorm(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None):
+    """Training-mode BatchNorm in float64: returns (y, batch_mean, batch_var).
+
+    `mask` is boolean, already broadcastable to `x` (feature axis of size 1).
+    """
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    reduced = tuple(a for a in range(x.ndim) if a != axis)
+    weights = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    count = weights.sum(axis=reduced, keepdims=True)
+    mean = (weights * x).sum(axis=reduced, keepdims=True) / count
+    var = (weights * (x - mean) ** 2).sum(axis=reduced, keepdims=True) / count
+    y = affine((x - mean) / np.sqrt(var + epsilon), scale, bias, axis)
+    return y, mean.reshape(-1), var.reshape(-1)
+
+
+def batchnorm_eval(x, scale, bias, mean, var, *, axis=-1, epsilon=1e-5):
+    """Eval-mode BatchNorm in float64, with given running statistics."""
+    x = np.asarray(x, np.float64)
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    mean = np.asarray(mean, np.float64).reshape(shape)
+    var = np.asarray(var, np.float64).reshape(shape)
+    return affine((x - mean) / np.sqrt(var + epsilon), scale, bias, axis)
+
+
+def layernorm(x, scale, bias, *, axes=(-1,), epsilon=1e-5):
+    """LayerNorm in float64 over `axes`; scale and bias have those axes' shape."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+    y = (x - mean) / np.sqrt(var + epsilon)
+    if scale is not None:
+        y = y * np.asarray(scale, np.float64).reshape(shape)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(shape)
+    return y
+
+
+def affine(normalized, scale, bias, axis):
+    shape = [1] * normalized.ndim
+    shape[axis % normalized.ndim] = -1
+    if scale is not None:
+        normalized = normalized * np.asarray(scale, np.float64).reshape(shape)
+    if bias is not None:
+        normalized = normalized + np.asarray(bias, np.float64).reshape(shape)
+    return normalized
+
+
+def numpy_ml_layers():
+    """numpy-ml's `neural_nets.layers` module, importable on Python >= 3.10.
+
+    numpy-ml 0.1.2 imports `Hashable` and friends from `collections`, which
+    moved to `collections.abc`; it also warns at import about optional
+    dependencies it does not need here.
+    """
+    for name in ("Hashable", "Iterable", "Mapping", "MutableMapping", "Sequence", "Callable"):
+        if not hasattr(collections, name):
+            setattr(collections, name, getattr(collections.abc, name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("numpy_ml.neural_nets.layers")
