@@ -76,3 +76,46 @@ def numpy_ml_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return importlib.import_module("numpy_ml.neural_nets.layers")
+
+
+def running_stats(batch_means, batch_vars, momentum, *, mean=0.0, var=1.0):
+    """Running mean and variance in float64 after folding in the given batches.
+
+    `momentum` is the weight of the old value (`running = m * running + (1 - m)
+    * batch`); `None` gives the plain average of the batch statistics. The
+    defaults are the initial state (mean 0, variance 1).
+    """
+    batch_means = [np.asarray(m, np.float64) for m in batch_means]
+    batch_vars = [np.asarray(v, np.float64) for v in batch_vars]
+    if momentum is None:
+        return np.mean(batch_means, axis=0), np.mean(batch_vars, axis=0)
+    mean = np.broadcast_to(np.asarray(mean, np.float64), batch_means[0].shape)
+    var = np.broadcast_to(np.asarray(var, np.float64), batch_vars[0].shape)
+    for batch_mean, batch_var in zip(batch_means, batch_vars):
+        mean = momentum * mean + (1 - momentum) * batch_mean
+        var = momentum * var + (1 - momentum) * batch_var
+    return mean, var
+
+
+def numpy_ml_layer(name, x_shape, scaler, intercept, **hyperparameters):
+    """A numpy-ml normalization layer with the given `scaler` and `intercept`.
+
+    numpy-ml creates its parameters lazily in `forward` and draws `scaler` at
+    random; this initializes the layer up front (so its bookkeeping, such as
+    the zeroed `gradients`, is numpy-ml's own) and then replaces both
+    parameters with the given float64 values. `name` is `BatchNorm1D`,
+    `BatchNorm2D`, `LayerNorm1D` or `LayerNorm2D`; `x_shape` is the input's.
+    """
+    layer = getattr(numpy_ml_layers(), name)(**hyperparameters)
+    size = x_shape[-1]
+    if name.endswith("1D"):
+        layer.n_in = layer.n_out = size
+    else:
+        layer.in_ch = layer.out_ch = size
+    if name == "LayerNorm2D":
+        layer._init_params(x_shape)
+    else:
+        layer._init_params()
+    layer.parameters["scaler"] = np.array(scaler, np.float64)
+    layer.parameters["intercept"] = np.array(intercept, np.float64)
+    return layer

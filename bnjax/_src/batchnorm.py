@@ -112,11 +112,14 @@ def batchnorm_apply(
         [0, 1]; `epsilon <= 0`; `axis_name` is not bound.
 
     Example:
-      >>> params, state = bnjax.batchnorm_init(3)
-      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> params, state = bnjax.batchnorm_init(2)
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
       >>> y, state = bnjax.batchnorm_apply(params, state, x, True)
-      >>> y[:, 0].round(3), state.mean
-      (Array([-1.342, -0.447,  0.447,  1.342], dtype=float32), Array([0.45, 0.55, 0.65], dtype=float32))
+      >>> y.round(4)
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> state.mean, state.var, state.count
+      (Array([0.2, 0.4], dtype=float32), Array([1. , 1.3], dtype=float32), Array(1, dtype=int32))
 
     References:
       Ioffe & Szegedy 2015, Batch Normalization, arXiv:1502.03167.

@@ -61,7 +61,9 @@ def check_feature_axis(axis: Any, ndim: int) -> int:
     return normalize_axes(axis, ndim)[0]
 
 
-def check_param_shape(name: str, value: jax.Array | None, expected: tuple[int, ...], what: str) -> None:
+def check_param_shape(
+    name: str, value: jax.Array | None, expected: tuple[int, ...], what: str
+) -> None:
     """`value` (a parameter or a running statistic) must have shape `expected`."""
     if value is not None and tuple(jnp.shape(value)) != expected:
         raise ValueError(

@@ -36,7 +36,7 @@ def layernorm_init(
       >>> bnjax.layernorm_init((2, 3)).scale.shape
       (2, 3)
     """
-    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    shape = tuple(feature_shape) if isinstance(feature_shape, Sequence) else (feature_shape,)
     for i, n in enumerate(shape):
         checks.check_size(f"feature_shape[{i}]", n)
     return NormParams(
@@ -79,8 +79,10 @@ def layernorm_apply(
 
     Example:
       >>> params = bnjax.layernorm_init(4)
-      >>> bnjax.layernorm_apply(params, jnp.array([[1.0, 2.0, 3.0, 4.0]])).round(3)
-      Array([[-1.342, -0.447,  0.447,  1.342]], dtype=float32)
+      >>> x = jnp.array([[1.0, 3.0, 1.0, 3.0], [0.0, 0.0, 4.0, 4.0]])
+      >>> bnjax.layernorm_apply(params, x).round(4)
+      Array([[-1.,  1., -1.,  1.],
+             [-1., -1.,  1.,  1.]], dtype=float32)
 
     References:
       Ba, Kiros & Hinton 2016, Layer Normalization, arXiv:1607.06450.
