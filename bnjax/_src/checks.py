@@ -99,7 +99,9 @@ def broadcast_mask(mask: Any, x_shape: tuple[int, ...], feature_axis: int) -> ja
         )
     batch_shape = x_shape[:feature_axis] + x_shape[feature_axis + 1 :]
     padded = (1,) * (len(batch_shape) - mask.ndim) + mask.shape
-    if mask.ndim > len(batch_shape) or any(m not in (1, b) for m, b in zip(padded, batch_shape)):
+    if mask.ndim > len(batch_shape) or any(
+        m not in (1, b) for m, b in zip(padded, batch_shape, strict=True)
+    ):
         raise ValueError(
             f"`mask` must be broadcastable to the input's shape without its feature axis, "
             f"{batch_shape}, got shape {mask.shape}."

@@ -140,7 +140,7 @@ def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> 
     if p is None:
         return None
     shape = [1] * ndim
-    for a, n in zip(axes, np.shape(p)):
+    for a, n in zip(axes, np.shape(p), strict=True):
         shape[a] = n
     return jnp.reshape(p, shape)
 
