@@ -69,7 +69,7 @@ def moments(
         `x`'s size; False entries do not contribute.
       axis_name: optional mapped axis (or tuple of axes) to synchronize over.
         Per-device moments are pooled exactly, weighted by count, in one
-        `all_gather` of `(count, mean, var)`.
+        `psum` (see `_pool_across`).
 
     Returns:
       `Moments` with `mean` and `var` of shape `x.shape` with `axes` set to 1.
@@ -121,18 +121,31 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
 
 
 def _pool_across(local: Moments, axis_name: AxisName) -> Moments:
-    """Pools per-device moments exactly: the parallel-variance formula."""
+    """Pools per-device moments exactly with the parallel-variance formula.
+
+    Each device writes its `(count, mean, var)` into its own slot of a zero
+    array and one `psum` fills every slot everywhere: an all-gather whose
+    result is replicated. Pooling deviations from the global mean, rather
+    than raw second moments, keeps it stable for large means. A `psum` is
+    used instead of `all_gather` because its result is typed as replicated
+    under `shard_map` (so it may leave through `P()`) and it is transposed
+    correctly under `shard_map`, `vmap` and `pmap` alike.
+    """
     count = jnp.broadcast_to(jnp.asarray(local.count, local.mean.dtype), local.mean.shape)
-    gathered = lax.all_gather(jnp.stack([count, local.mean, local.var]), axis_name)
+    mine = jnp.stack([count, local.mean, local.var])
+    num_devices = lax.axis_size(axis_name)
+    slots = jnp.zeros((num_devices, *mine.shape), mine.dtype)
+    gathered = lax.psum(slots.at[lax.axis_index(axis_name)].set(mine), axis_name)
     counts, means, variances = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    total = jnp.sum(counts, axis=0)
+    total = jnp.sum(counts, axis=0, keepdims=True)
     safe_total = jnp.maximum(total, 1)
-    mean = jnp.sum(counts * means, axis=0) / safe_total
+    mean = jnp.sum(counts * means, axis=0, keepdims=True) / safe_total
     spread = variances + jnp.square(means - mean)
-    var = jnp.sum(counts * spread, axis=0) / safe_total
+    var = jnp.sum(counts * spread, axis=0, keepdims=True) / safe_total
+    pooled = Moments(mean[0], var[0], total[0])
     if isinstance(local.count, int):
-        return Moments(mean, var, local.count * counts.shape[0])
-    return Moments(mean, var, total)
+        return pooled._replace(count=local.count * num_devices)
+    return pooled
 
 
 def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
