@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -103,21 +104,53 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
 
     Without a mask it is the first entry along `axes`. With a mask that is the
     same for every kept position (BatchNorm's), it is the first unmasked
-    entry, found on the mask alone. Otherwise the masked mean serves, at the
-    price of one extra read of `x`.
+    entry, found on the mask alone. Otherwise, or when the mask is sharded
+    explicitly over a mesh, the masked mean serves, at the price of one extra
+    read of `x`.
     """
-    sizes = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
     if mask is None:
-        return lax.slice(x, (0,) * x.ndim, sizes)
-    if any(mask.shape[a] != 1 for a in range(x.ndim) if a not in axes):
+        return _take_entry(x, axes, (0,) * len(axes))
+    varies_per_kept = any(mask.shape[a] != 1 for a in range(x.ndim) if a not in axes)
+    if varies_per_kept or _explicitly_sharded_axes(mask):
         dtype = stats_dtype(x.dtype)
         full_mask = jnp.broadcast_to(mask, x.shape)
         total = jnp.maximum(jnp.sum(full_mask, axis=axes, keepdims=True, dtype=dtype), 1)
         masked = jnp.where(mask, x.astype(dtype), 0)
         return jnp.sum(masked, axis=axes, keepdims=True) / total
     first = jnp.unravel_index(jnp.argmax(mask.reshape(-1)), mask.shape)
-    starts = tuple(first[a] if a in axes else 0 for a in range(x.ndim))
-    return lax.dynamic_slice(x, starts, sizes)
+    return _take_entry(x, axes, tuple(first[a] for a in axes))
+
+
+def _take_entry(x: jax.Array, axes: tuple[int, ...], index: tuple) -> jax.Array:
+    """`x` at `index` along `axes` (kept with size 1), whole along the others.
+
+    An axis that `x` is explicitly sharded over (sharded `jit` on a mesh with
+    explicit axes) cannot be sliced to size 1; it is indexed with a gather
+    whose small result is replicated instead.
+    """
+    sharded = _explicitly_sharded_axes(x) & set(axes)
+    starts = [0] * x.ndim
+    sizes = list(x.shape)
+    for a, i in zip(axes, index, strict=True):
+        if a not in sharded:
+            starts[a], sizes[a] = i, 1
+    entry = lax.dynamic_slice(x, starts, sizes)
+    for a, i in zip(axes, index, strict=True):
+        if a in sharded:
+            sharding = jax.typeof(entry).sharding
+            spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+            spec[a] = None
+            where = [slice(None)] * x.ndim
+            where[a] = jnp.reshape(i, (1,))
+            out = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+            entry = entry.at[tuple(where)].get(out_sharding=out)
+    return entry
+
+
+def _explicitly_sharded_axes(x: jax.Array) -> set[int]:
+    """Axes of `x` whose type says they are split over an explicit mesh axis."""
+    spec = getattr(jax.typeof(x).sharding, "spec", None) or ()
+    return {a for a, names in enumerate(spec) if names is not None}
 
 
 def _pool_across(local: Moments, axis_name: AxisName) -> Moments:
