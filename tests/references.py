@@ -91,7 +91,7 @@ def running_stats(batch_means, batch_vars, momentum, *, mean=0.0, var=1.0):
         return np.mean(batch_means, axis=0), np.mean(batch_vars, axis=0)
     mean = np.broadcast_to(np.asarray(mean, np.float64), batch_means[0].shape)
     var = np.broadcast_to(np.asarray(var, np.float64), batch_vars[0].shape)
-    for batch_mean, batch_var in zip(batch_means, batch_vars):
+    for batch_mean, batch_var in zip(batch_means, batch_vars, strict=True):
         mean = momentum * mean + (1 - momentum) * batch_mean
         var = momentum * var + (1 - momentum) * batch_var
     return mean, var
