@@ -11,33 +11,7 @@ import pytest
 
 import bnjax
 from tests import references
-
-# Tolerances for comparisons with a float64 reference, by dtype of `x`.
-TOL = {
-    # Everything in float64: only the roundings of sums over <= ~1e2 entries,
-    # ~1e-14 relative at worst.
-    "float64": {"rtol": 1e-12, "atol": 1e-12},
-    # float32, values O(1): a reduction over up to ~1e2 entries per example
-    # errs by ~log2(n) * eps32 ~ 1e-6, and the shifted one-pass variance may
-    # lose another factor ~10 when its shift lies a few std from the mean.
-    # 1e-5 is about 100 ulps.
-    "float32": {"rtol": 1e-5, "atol": 1e-5},
-    # bfloat16: statistics and arithmetic in float32 (errors ~1e-6), then one
-    # rounding of the output to bfloat16, at most half an ulp (unit roundoff
-    # u = 2^-8 relative). rtol = 2u leaves room for the float32 part; atol
-    # covers outputs near 0.
-    "bfloat16": {"rtol": 2 * 2**-8, "atol": 1e-5},
-    # float16: the same argument with u = 2^-11.
-    "float16": {"rtol": 2 * 2**-11, "atol": 1e-5},
-}
-# Gradients in float32 against numpy-ml's float64 backward: dx is a sum of
-# three terms of size up to ~|scale| |dy| / sigma ~ 5 that cancel to O(1),
-# each a float32 sum over n <= 60 entries, so its error is ~log2(n) * eps32 * 5
-# ~ 4e-6 (observed: <= 1.4e-6). dscale and dbias are plain sums of the same
-# size. 2e-5 leaves a margin of 5 over that estimate.
-GRAD_TOL = {"float32": {"rtol": 2e-5, "atol": 2e-5}}
-# The spec's bound for the large-mean case: std within 1e-3 of 1.
-LARGE_MEAN_TOL = 1e-3
+from tests.tolerances import GRAD_TOL, LARGE_MEAN_TOL, TOL
 
 # (shape, normalized axes) over the last axis, for every layout.
 LAST_AXIS_CASES = [(6, 5), (4, 3, 5), (2, 3, 4, 5), (2, 2, 3, 2, 4)]
