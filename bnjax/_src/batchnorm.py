@@ -1,10 +1,10 @@
 """Batch Normalization as a pure function of params, running state and input."""
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from bnjax._src import checks, stats
@@ -62,6 +62,7 @@ def batchnorm_apply(
     epsilon: float = 1e-5,
     axis_name: stats.AxisName | None = None,
     mask: jax.Array | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Normalizes each feature of `x` with batch or running statistics.
 
@@ -97,6 +98,11 @@ def batchnorm_apply(
         every device's unmasked entries count equally. If no entry at all is
         unmasked, the running statistics and `count` are left as they were.
         Ignored in eval mode.
+      virtual_batch_size: ghost BatchNorm: in training mode, normalize each
+        group of this many consecutive examples (along axis 0) with the
+        group's own statistics. The running statistics are updated once per
+        call, with the count-weighted average of the groups' means and
+        variances. Must divide the batch size. Default None (one group).
 
     Returns:
       `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated
@@ -109,7 +115,8 @@ def batchnorm_apply(
       ValueError: params or state do not have shape `(C,)`; `axis` is out of
         range; training with a single value per feature (counted across
         `axis_name`); `mask` is not broadcastable; `momentum` is outside
-        [0, 1]; `epsilon <= 0`; `axis_name` is not bound.
+        [0, 1]; `epsilon <= 0`; `axis_name` is not bound;
+        `virtual_batch_size` does not divide the batch.
 
     Example:
       >>> params, state = bnjax.batchnorm_init(2)
@@ -123,31 +130,124 @@ def batchnorm_apply(
 
     References:
       Ioffe & Szegedy 2015, Batch Normalization, arXiv:1502.03167.
+      Hoffer, Hubara & Soudry 2017, Train longer, generalize better (ghost
+      BatchNorm), arXiv:1705.08741.
     """
+    feature_axis = check_inputs(params, state, x, train, axis, momentum, epsilon)
+    if not train:
+        return normalize_with_running_stats(params, state, x, feature_axis, epsilon), state
+    batch = batch_statistics(x, feature_axis, mask, axis_name, virtual_batch_size)
+    scale = stats.broadcast_to_axes(params.scale, batch.x.ndim, (batch.feature_axis,))
+    bias = stats.broadcast_to_axes(params.bias, batch.x.ndim, (batch.feature_axis,))
+    y = stats.normalize(batch.x, batch.mean, batch.var, scale, bias, epsilon)
+    return y.reshape(x.shape), update_running(state, batch, momentum)
+
+
+class Batch(NamedTuple):
+    """Training-mode statistics of a batch, shared with Batch Renormalization.
+
+    Attributes:
+      x: the input, reshaped to `(N // v, v, ...)` for ghost batches of `v`.
+      feature_axis: the feature axis of `x` as reshaped.
+      mean: the batch (or per-group) mean, broadcastable against `x`.
+      var: the biased variance, same shape.
+      running_mean: `(C,)`, what the running mean is updated with.
+      running_var: `(C,)`, what the running variance is updated with.
+      count: how many entries contributed in all, an int or a scalar array.
+    """
+
+    x: jax.Array
+    feature_axis: int
+    mean: jax.Array
+    var: jax.Array
+    running_mean: jax.Array
+    running_var: jax.Array
+    count: int | jax.Array
+
+
+def check_inputs(
+    params: NormParams,
+    state: BatchStats,
+    x: jax.Array,
+    train: bool,
+    axis: int,
+    momentum: float | None,
+    epsilon: float,
+) -> int:
+    """Checks BatchNorm's arguments; returns the non-negative feature axis."""
     checks.check_train(train)
     checks.check_floating(x)
     feature_axis = checks.check_feature_axis(axis, x.ndim)
-    num_features = x.shape[feature_axis]
-    _check_params_and_state(params, state, num_features, feature_axis)
+    _check_params_and_state(params, state, x.shape[feature_axis], feature_axis)
     checks.check_momentum(momentum)
     checks.check_epsilon(epsilon)
+    return feature_axis
 
-    if not train:
-        y = _normalize(x, state.mean, state.var, params, feature_axis, epsilon)
-        return y, state
 
-    reduced = tuple(a for a in range(x.ndim) if a != feature_axis)
-    per_feature = int(np.prod([x.shape[a] for a in reduced]))
+def normalize_with_running_stats(
+    params: NormParams, state: BatchStats, x: jax.Array, feature_axis: int, epsilon: float
+) -> jax.Array:
+    """Eval mode: `x` normalized with the running mean and variance."""
+
+    def expand(v: jax.Array | None) -> jax.Array | None:
+        return stats.broadcast_to_axes(v, x.ndim, (feature_axis,))
+
+    mean, var = expand(state.mean), expand(state.var)
+    return stats.normalize(x, mean, var, expand(params.scale), expand(params.bias), epsilon)
+
+
+def batch_statistics(
+    x: jax.Array,
+    feature_axis: int,
+    mask: jax.Array | None,
+    axis_name: stats.AxisName | None,
+    virtual_batch_size: int | None,
+) -> Batch:
+    """Statistics over every axis but the feature axis (per ghost group)."""
+    if mask is not None:
+        mask = checks.broadcast_mask(mask, x.shape, feature_axis)
+    if virtual_batch_size is not None:
+        checks.check_virtual_batch_size(virtual_batch_size, x.shape, feature_axis, axis_name)
+        x, mask = _split_batch(x, mask, virtual_batch_size)
+        feature_axis += 1
+    group_axes = () if virtual_batch_size is None else (0,)
+    reduced = tuple(a for a in range(x.ndim) if a != feature_axis and a not in group_axes)
+    per_feature = math.prod(x.shape[a] for a in reduced)
     checks.check_values_per_feature(
         per_feature * checks.mapped_axis_size(axis_name), x.shape, axis_name
     )
+    moments = stats.moments(x, reduced, mask=mask, axis_name=axis_name)
+    num_features = x.shape[feature_axis]
+    if virtual_batch_size is None:
+        running_mean, running_var = moments.mean, moments.var
+        count = moments.count
+    else:  # Average over the groups, each weighted by its count.
+        counts = jnp.asarray(moments.count, moments.mean.dtype)
+        weights = jnp.broadcast_to(counts, moments.mean.shape)
+        count = moments.count * x.shape[0] if mask is None else jnp.sum(moments.count)
+        total = jnp.maximum(jnp.sum(weights, axis=0, keepdims=True), 1)
+        running_mean = jnp.sum(weights * moments.mean, axis=0, keepdims=True) / total
+        running_var = jnp.sum(weights * moments.var, axis=0, keepdims=True) / total
+    return Batch(
+        x=x,
+        feature_axis=feature_axis,
+        mean=moments.mean,
+        var=moments.var,
+        running_mean=running_mean.reshape(num_features),
+        running_var=running_var.reshape(num_features),
+        count=count,
+    )
+
+
+def _split_batch(
+    x: jax.Array, mask: jax.Array | None, size: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """`(N, ...)` to `(N // size, size, ...)`, and the mask alike."""
+    x = x.reshape(x.shape[0] // size, size, *x.shape[1:])
     if mask is not None:
-        mask = checks.broadcast_mask(mask, x.shape, feature_axis)
-    batch = stats.moments(x, reduced, mask=mask, axis_name=axis_name)
-    mean = batch.mean.reshape(num_features)
-    var = batch.var.reshape(num_features)
-    y = _normalize(x, mean, var, params, feature_axis, epsilon)
-    return y, _update_running(state, mean, var, batch.count, momentum)
+        leading = (1, 1) if mask.shape[0] == 1 else x.shape[:2]
+        mask = mask.reshape(*leading, *mask.shape[1:])
+    return x, mask
 
 
 def _check_params_and_state(
@@ -162,30 +262,13 @@ def _check_params_and_state(
     checks.check_param_shape("state.count", state.count, (), "a scalar")
 
 
-def _normalize(
-    x: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
-    params: NormParams,
-    feature_axis: int,
-    epsilon: float,
-) -> jax.Array:
-    def expand(v: jax.Array | None) -> jax.Array | None:
-        return stats.broadcast_to_axes(v, x.ndim, (feature_axis,))
+def update_running(state: BatchStats, batch: Batch, momentum: float | None) -> BatchStats:
+    """Folds one batch's statistics into the running ones, without gradient.
 
-    return stats.normalize(
-        x, expand(mean), expand(var), expand(params.scale), expand(params.bias), epsilon
-    )
-
-
-def _update_running(
-    state: BatchStats,
-    mean: jax.Array,
-    var: jax.Array,
-    count: int | jax.Array,
-    momentum: float | None,
-) -> BatchStats:
-    """Folds one batch's statistics into the running ones, without gradient."""
+    `running = momentum * running + (1 - momentum) * batch`, or with
+    `momentum=None` the cumulative average over all updates.
+    """
+    mean, var, count = batch.running_mean, batch.running_var, batch.count
     mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
     dtype = state.mean.dtype
     if momentum is None:
