@@ -85,29 +85,31 @@ def check_epsilon(epsilon: float) -> None:
         raise ValueError(f"`epsilon` must be > 0, got {epsilon}.")
 
 
-def broadcast_mask(mask: Any, x_shape: tuple[int, ...], feature_axis: int) -> jax.Array:
-    """Checks a mask against `x_shape` without its feature axis.
+def broadcast_mask(mask: Any, x_shape: tuple[int, ...], feature_axis: int | None) -> jax.Array:
+    """Checks a boolean mask against `x_shape`, without its feature axis if given.
 
     Returns:
-      A boolean array of rank `len(x_shape)` whose feature axis has size 1 and
-      whose other axes have size 1 or the size of `x`'s axis.
+      A boolean array of rank `len(x_shape)` (the feature axis, if any, of
+      size 1), each axis of size 1 or of `x`'s size.
     """
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(
             f"`mask` must be boolean, got dtype {mask.dtype}. Use e.g. `mask.astype(bool)`."
         )
-    batch_shape = x_shape[:feature_axis] + x_shape[feature_axis + 1 :]
-    padded = (1,) * (len(batch_shape) - mask.ndim) + mask.shape
-    if mask.ndim > len(batch_shape) or any(
-        m not in (1, b) for m, b in zip(padded, batch_shape, strict=True)
-    ):
+    if feature_axis is None:
+        target, what = x_shape, "the input's shape"
+    else:
+        target = x_shape[:feature_axis] + x_shape[feature_axis + 1 :]
+        what = "the input's shape without its feature axis"
+    padded = (1,) * (len(target) - mask.ndim) + mask.shape
+    if mask.ndim > len(target) or any(m not in (1, t) for m, t in zip(padded, target, strict=True)):
         raise ValueError(
-            f"`mask` must be broadcastable to the input's shape without its feature axis, "
-            f"{batch_shape}, got shape {mask.shape}."
+            f"`mask` must be broadcastable to {what}, {target}, got shape {mask.shape}."
         )
-    full = padded[:feature_axis] + (1,) + padded[feature_axis:]
-    return mask.reshape(full)
+    if feature_axis is not None:
+        padded = padded[:feature_axis] + (1,) + padded[feature_axis:]
+    return mask.reshape(padded)
 
 
 def mapped_axis_size(axis_name: Hashable | tuple[Hashable, ...] | None) -> int:
@@ -156,4 +158,31 @@ def check_virtual_batch_size(
         raise ValueError(
             "`virtual_batch_size` takes statistics per group of examples on each device; "
             f"it cannot be combined with `axis_name`, got axis_name={axis_name!r}."
+        )
+
+
+def check_renorm_limits(r_max: float, d_max: float) -> None:
+    if not isinstance(r_max, jax.core.Tracer) and not r_max >= 1:
+        raise ValueError(f"`r_max` must be >= 1, got {r_max}.")
+    if not isinstance(d_max, jax.core.Tracer) and not d_max >= 0:
+        raise ValueError(f"`d_max` must be >= 0, got {d_max}.")
+
+
+def check_channel_axis(axis: Any, ndim: int) -> int:
+    """The channel axis of per-example normalizers: any axis but the batch axis 0."""
+    if ndim < 2:
+        raise ValueError(
+            f"`x` must have a batch axis and a channel axis (rank >= 2), got rank {ndim}."
+        )
+    channel_axis = check_feature_axis(axis, ndim)
+    if channel_axis == 0:
+        raise ValueError(f"`axis` must not be the batch axis 0, got {axis}.")
+    return channel_axis
+
+
+def check_num_groups(num_groups: Any, num_channels: int) -> None:
+    check_size("num_groups", num_groups)
+    if num_channels % num_groups:
+        raise ValueError(
+            f"`num_groups` must divide the number of channels {num_channels}, got {num_groups}."
         )

@@ -51,6 +51,7 @@ def layernorm_apply(
     *,
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-5,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Normalizes each example of `x` over the axes `axis`.
 
@@ -68,14 +69,19 @@ def layernorm_apply(
         feature axis; numpy-ml's `LayerNorm1D`). `(-3, -2, -1)` is numpy-ml's
         `LayerNorm2D` on `(N, H, W, C)` inputs.
       epsilon: added to the variance, > 0. Default 1e-5.
+      mask: optional boolean, broadcastable to `x`'s shape, e.g. `(N, T, 1)`
+        for padded steps of `(N, T, C)` normalized over `axis=(1, 2)`; False
+        entries do not contribute to the statistics. Their outputs are still
+        computed.
 
     Returns:
       `y`, of `x`'s shape and dtype.
 
     Raises:
-      TypeError: `x` is not floating.
+      TypeError: `x` or `mask` has the wrong dtype.
       ValueError: `axis` is out of range or repeated; params do not have the
-        shape of the normalized axes; `epsilon <= 0`.
+        shape of the normalized axes; `mask` is not broadcastable;
+        `epsilon <= 0`.
 
     Example:
       >>> params = bnjax.layernorm_init(4)
@@ -87,6 +93,19 @@ def layernorm_apply(
     References:
       Ba, Kiros & Hinton 2016, Layer Normalization, arXiv:1607.06450.
     """
+    axes = check_inputs(params, x, axis, epsilon)
+    if mask is not None:
+        mask = checks.broadcast_mask(mask, x.shape, None)
+    batch = stats.moments(x, axes, mask=mask)
+    scale = stats.broadcast_to_axes(params.scale, x.ndim, axes)
+    bias = stats.broadcast_to_axes(params.bias, x.ndim, axes)
+    return stats.normalize(x, batch.mean, batch.var, scale, bias, epsilon)
+
+
+def check_inputs(
+    params: NormParams, x: jax.Array, axis: int | Sequence[int], epsilon: float
+) -> tuple[int, ...]:
+    """Checks the arguments of LayerNorm-like normalizers; returns sorted axes."""
     checks.check_floating(x)
     axes = checks.normalize_axes(axis, x.ndim)
     checks.check_epsilon(epsilon)
@@ -94,8 +113,4 @@ def layernorm_apply(
     what = f"the normalized axes {axes} of `x` with shape {x.shape}"
     checks.check_param_shape("params.scale", params.scale, expected, what)
     checks.check_param_shape("params.bias", params.bias, expected, what)
-
-    batch = stats.moments(x, axes)
-    scale = stats.broadcast_to_axes(params.scale, x.ndim, axes)
-    bias = stats.broadcast_to_axes(params.bias, x.ndim, axes)
-    return stats.normalize(x, batch.mean, batch.var, scale, bias, epsilon)
+    return axes

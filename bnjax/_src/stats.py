@@ -79,15 +79,9 @@ def moments(
     dtype = stats_dtype(x.dtype)
     shift = lax.stop_gradient(_shift(x, axes, mask)).astype(dtype)
     d = x.astype(dtype) - shift
-    if mask is None:
-        count: int | jax.Array = math.prod(x.shape[a] for a in axes)
-        safe_count: int | jax.Array = count
-    else:
+    if mask is not None:
         d = jnp.where(mask, d, 0)
-        # Axes the mask does not span count every entry along them.
-        repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
-        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=dtype) * repeats
-        safe_count = jnp.maximum(count, 1)
+    count, safe_count = _count(x, axes, mask)
     mean_d = jnp.sum(d, axis=axes, keepdims=True) / safe_count
     mean_d2 = jnp.sum(d * d, axis=axes, keepdims=True) / safe_count
     var = jnp.maximum(mean_d2 - mean_d * mean_d, 0)
@@ -97,6 +91,37 @@ def moments(
     if axis_name is not None:
         return _pool_across(Moments(mean, var, count), axis_name)
     return Moments(mean, var, count)
+
+
+def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None = None) -> jax.Array:
+    """`mean(x**2)` over `axes` (kept with size 1), in the statistics dtype.
+
+    Args:
+      x: floating input.
+      axes: the reduced axes, sorted and non-negative.
+      mask: optional boolean array as in `moments`.
+
+    Returns:
+      The mean square; 0 where no entry contributes.
+    """
+    squares = jnp.square(x.astype(stats_dtype(x.dtype)))
+    if mask is not None:
+        squares = jnp.where(mask, squares, 0)
+    _, safe_count = _count(x, axes, mask)
+    return jnp.sum(squares, axis=axes, keepdims=True) / safe_count
+
+
+def _count(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
+) -> tuple[int | jax.Array, int | jax.Array]:
+    """How many entries contribute per kept position, and that count floored at 1."""
+    if mask is None:
+        count = math.prod(x.shape[a] for a in axes)
+        return count, count
+    # Axes the mask does not span count every entry along them.
+    repeats = math.prod(x.shape[a] for a in axes if mask.shape[a] == 1)
+    count = jnp.sum(mask, axis=axes, keepdims=True, dtype=stats_dtype(x.dtype)) * repeats
+    return count, jnp.maximum(count, 1)
 
 
 def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
@@ -112,11 +137,8 @@ def _shift(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.A
         return _take_entry(x, axes, (0,) * len(axes))
     varies_per_kept = any(mask.shape[a] != 1 for a in range(x.ndim) if a not in axes)
     if varies_per_kept or _explicitly_sharded_axes(mask):
-        dtype = stats_dtype(x.dtype)
-        full_mask = jnp.broadcast_to(mask, x.shape)
-        total = jnp.maximum(jnp.sum(full_mask, axis=axes, keepdims=True, dtype=dtype), 1)
-        masked = jnp.where(mask, x.astype(dtype), 0)
-        return jnp.sum(masked, axis=axes, keepdims=True) / total
+        masked = jnp.where(mask, x.astype(stats_dtype(x.dtype)), 0)
+        return jnp.sum(masked, axis=axes, keepdims=True) / _count(x, axes, mask)[1]
     first = jnp.unravel_index(jnp.argmax(mask.reshape(-1)), mask.shape)
     return _take_entry(x, axes, tuple(first[a] for a in axes))
 

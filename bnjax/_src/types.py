@@ -4,7 +4,8 @@ Both are NamedTuples, hence pytrees: they go through `jax.jit`, `jax.grad`,
 `jax.tree.map`, optax and checkpointing without registration.
 """
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 
@@ -37,3 +38,63 @@ class BatchStats(NamedTuple):
     mean: jax.Array
     var: jax.Array
     count: jax.Array
+
+
+class InitFn(Protocol):
+    """Creates a normalizer's parameters and state for inputs of a shape."""
+
+    def __call__(self, input_shape: Sequence[int]) -> tuple[NormParams, Any]:
+        """Returns `(params, state)` for inputs of `input_shape`.
+
+        Args:
+          input_shape: the full input shape, batch axis included, as in
+            stax (e.g. `x.shape`).
+
+        Returns:
+          `(params, state)`: `NormParams`, and the running state
+          (`BatchStats` for the batch normalizers, `None` otherwise).
+        """
+
+
+class ApplyFn(Protocol):
+    """Normalizes an input; the same signature for every normalizer."""
+
+    def __call__(
+        self,
+        params: NormParams,
+        state: Any,
+        x: jax.Array,
+        train: bool,
+        *,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """Returns `(y, new_state)`.
+
+        Args:
+          params: from `init`, or trained.
+          state: from `init` or the previous call; `None` when stateless.
+          x: the input, of the shape `init` was given (any batch size).
+          train: Python bool, static under `jax.jit`. Stateless normalizers
+            compute the same thing in both modes.
+          mask: optional boolean mask of entries that contribute to the
+            statistics, as documented by the matching `*_apply` function.
+
+        Returns:
+          `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` is
+          `state` for stateless normalizers and in eval mode.
+        """
+
+
+class Normalizer(NamedTuple):
+    """A normalizer with its hyperparameters bound: an `(init, apply)` pair.
+
+    Returned by the factories `bnjax.batchnorm(...)`, `layernorm(...)`, ...,
+    so a model switches normalizer by changing one call.
+
+    Attributes:
+      init: `init(input_shape) -> (params, state)`.
+      apply: `apply(params, state, x, train, *, mask=None) -> (y, new_state)`.
+    """
+
+    init: InitFn
+    apply: ApplyFn

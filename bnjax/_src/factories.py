@@ -1,0 +1,203 @@
+"""Factories that bind hyperparameters into `Normalizer(init, apply)` pairs.
+
+Each factory takes the keyword arguments of the matching `*_init` and
+`*_apply` functions and returns closures over them, so that every normalizer
+has the signature `apply(params, state, x, train)`. Hyperparameters are
+checked once, when the factory is called.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bnjax._src import checks, stats
+from bnjax._src.batchnorm import batchnorm_apply, batchnorm_init
+from bnjax._src.batchrenorm import batchrenorm_apply
+from bnjax._src.groupnorm import groupnorm_apply, groupnorm_init, instancenorm_apply
+from bnjax._src.layernorm import layernorm_apply, layernorm_init
+from bnjax._src.rmsnorm import rmsnorm_apply, rmsnorm_init
+from bnjax._src.types import Normalizer, NormParams
+
+
+def batchnorm(
+    *,
+    axis: int = -1,
+    momentum: float | None = 0.9,
+    epsilon: float = 1e-5,
+    axis_name: stats.AxisName | None = None,
+    virtual_batch_size: int | None = None,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> Normalizer:
+    """BatchNorm as a `Normalizer`; see `batchnorm_init` and `batchnorm_apply`.
+
+    Example:
+      >>> norm = bnjax.batchnorm(momentum=0.99)
+      >>> params, state = norm.init((8, 4))
+      >>> y, state = norm.apply(params, state, jnp.ones((8, 4)), True)
+    """
+    checks.check_momentum(momentum)
+    checks.check_epsilon(epsilon)
+    hyper = dict(
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        virtual_batch_size=virtual_batch_size,
+    )
+    return _batch_normalizer(batchnorm_apply, hyper, axis, use_scale, use_bias, param_dtype)
+
+
+def batchrenorm(
+    *,
+    axis: int = -1,
+    momentum: float | None = 0.9,
+    epsilon: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    axis_name: stats.AxisName | None = None,
+    virtual_batch_size: int | None = None,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> Normalizer:
+    """Batch Renormalization as a `Normalizer`; see `batchrenorm_apply`."""
+    checks.check_momentum(momentum)
+    checks.check_epsilon(epsilon)
+    checks.check_renorm_limits(r_max, d_max)
+    hyper = dict(
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        r_max=r_max,
+        d_max=d_max,
+        axis_name=axis_name,
+        virtual_batch_size=virtual_batch_size,
+    )
+    return _batch_normalizer(batchrenorm_apply, hyper, axis, use_scale, use_bias, param_dtype)
+
+
+def layernorm(
+    *,
+    axis: int | Sequence[int] = -1,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> Normalizer:
+    """LayerNorm as a stateless `Normalizer`; see `layernorm_apply`.
+
+    `init(input_shape)` creates parameters of the normalized axes' shape.
+    """
+    checks.check_epsilon(epsilon)
+
+    def init(input_shape: Sequence[int]) -> NormParams:
+        axes = checks.normalize_axes(axis, len(input_shape))
+        feature_shape = tuple(input_shape[a] for a in axes)
+        return layernorm_init(
+            feature_shape, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+        )
+
+    return _stateless(init, layernorm_apply, dict(axis=axis, epsilon=epsilon))
+
+
+def rmsnorm(
+    *,
+    axis: int | Sequence[int] = -1,
+    epsilon: float = 1e-6,
+    use_scale: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> Normalizer:
+    """RMSNorm as a stateless `Normalizer`; see `rmsnorm_apply`."""
+    checks.check_epsilon(epsilon)
+
+    def init(input_shape: Sequence[int]) -> NormParams:
+        axes = checks.normalize_axes(axis, len(input_shape))
+        feature_shape = tuple(input_shape[a] for a in axes)
+        return rmsnorm_init(feature_shape, use_scale=use_scale, param_dtype=param_dtype)
+
+    return _stateless(init, rmsnorm_apply, dict(axis=axis, epsilon=epsilon))
+
+
+def groupnorm(
+    *,
+    num_groups: int = 32,
+    axis: int = -1,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> Normalizer:
+    """GroupNorm as a stateless `Normalizer`; see `groupnorm_apply`."""
+    checks.check_size("num_groups", num_groups)
+    checks.check_epsilon(epsilon)
+
+    def init(input_shape: Sequence[int]) -> NormParams:
+        num_channels = input_shape[checks.check_channel_axis(axis, len(input_shape))]
+        checks.check_num_groups(num_groups, num_channels)
+        return groupnorm_init(
+            num_channels, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+        )
+
+    hyper = dict(num_groups=num_groups, axis=axis, epsilon=epsilon)
+    return _stateless(init, groupnorm_apply, hyper)
+
+
+def instancenorm(
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    param_dtype: Any = jnp.float32,
+) -> Normalizer:
+    """InstanceNorm as a stateless `Normalizer`; see `instancenorm_apply`."""
+    checks.check_epsilon(epsilon)
+
+    def init(input_shape: Sequence[int]) -> NormParams:
+        num_channels = input_shape[checks.check_channel_axis(axis, len(input_shape))]
+        return groupnorm_init(
+            num_channels, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+        )
+
+    return _stateless(init, instancenorm_apply, dict(axis=axis, epsilon=epsilon))
+
+
+def _batch_normalizer(
+    apply_fn: Callable[..., tuple[jax.Array, Any]],
+    hyper: dict[str, Any],
+    axis: int,
+    use_scale: bool,
+    use_bias: bool,
+    param_dtype: Any,
+) -> Normalizer:
+    def init(input_shape: Sequence[int]) -> tuple[NormParams, Any]:
+        num_features = input_shape[checks.check_feature_axis(axis, len(input_shape))]
+        return batchnorm_init(
+            num_features, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+        )
+
+    def apply(params, state, x, train, *, mask=None):
+        return apply_fn(params, state, x, train, mask=mask, **hyper)
+
+    return Normalizer(init, apply)
+
+
+def _stateless(
+    init_params: Callable[[Sequence[int]], NormParams],
+    apply_fn: Callable[..., jax.Array],
+    hyper: dict[str, Any],
+) -> Normalizer:
+    """Wraps a normalizer without running state: `state` is `None` throughout."""
+
+    def init(input_shape: Sequence[int]) -> tuple[NormParams, None]:
+        return init_params(input_shape), None
+
+    def apply(params, state, x, train, *, mask=None):
+        checks.check_train(train)
+        return apply_fn(params, x, mask=mask, **hyper), state
+
+    return Normalizer(init, apply)
