@@ -1,4 +1,4 @@
-"""Smoke test of the demo: it runs end to end and prints its accuracy table."""
+"""Smoke tests of the examples: they run end to end and print their tables."""
 
 import os
 import re
@@ -6,17 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DEMO = EXAMPLES / "digits.py"
 
 # A table row: the BatchNorm mode, then the train and test accuracies in percent.
 ROW = re.compile(r"^(train=True|train=False)\b.*?(\d+(?:\.\d+)?)%\s+(\d+(?:\.\d+)?)%\s*$")
 
 
-def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
-    """Runs the demo in a fresh interpreter, as strict as the test suite."""
+def run_demo(*args: str, script: Path = DEMO) -> subprocess.CompletedProcess[str]:
+    """Runs an example in a fresh interpreter, as strict as the test suite."""
     env = {**os.environ, "JAX_NUMPY_RANK_PROMOTION": "raise"}
     return subprocess.run(
-        [sys.executable, "-W", "error", str(DEMO), *args],
+        [sys.executable, "-W", "error", str(script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -38,3 +39,21 @@ def test_digits_demo_runs_and_reports_four_accuracies():
         for accuracy in accuracies:
             assert 0.0 <= accuracy <= 100.0, (mode, result.stdout)
     assert re.search(r"^Total runtime: \d+(\.\d+)? s$", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_normalizers_example_prints_one_line_per_normalizer():
+    result = run_demo("--epochs", "1", script=EXAMPLES / "normalizers.py")
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^(\w[\w ,]*?)\s+(\d+\.\d+)\s+(\d+\.\d+)%\s+\d+\.\d+$", result.stdout, re.M)
+    names = [name for name, _, _ in rows]
+    assert names == [
+        "batchnorm",
+        "batchnorm, ghost 16",
+        "batchrenorm",
+        "groupnorm, 8 groups",
+        "instancenorm",
+        "layernorm",
+        "rmsnorm",
+    ], result.stdout
+    for _, loss, accuracy in rows:
+        assert float(loss) >= 0 and 0 <= float(accuracy) <= 100, result.stdout
