@@ -119,3 +119,129 @@ def numpy_ml_layer(name, x_shape, scaler, intercept, **hyperparameters):
     layer.parameters["scaler"] = np.array(scaler, np.float64)
     layer.parameters["intercept"] = np.array(intercept, np.float64)
     return layer
+
+
+def _weights(x, mask):
+    """Float64 weights of `x`'s shape: 1 where an entry counts, 0 where masked."""
+    if mask is None:
+        return np.ones_like(x)
+    return np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
+
+
+def _weighted_moments(x, weights, axes):
+    """Mean and biased variance over `axes` of the entries with weight 1."""
+    count = weights.sum(axis=axes, keepdims=True)
+    mean = (weights * x).sum(axis=axes, keepdims=True) / count
+    var = (weights * (x - mean) ** 2).sum(axis=axes, keepdims=True) / count
+    return mean, var
+
+
+def groupnorm(x, scale, bias, *, num_groups, axis=-1, epsilon=1e-5, mask=None):
+    """GroupNorm in float64, written with explicit loops over examples and groups.
+
+    Channel `c` of the `axis` axis is in group `c // (C // num_groups)`; each
+    example (axis 0) and group is normalized over all its entries. `mask` is
+    boolean and broadcastable to `x` (channel axis of size 1 or C).
+    """
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    xl = np.moveaxis(x, axis, -1)
+    wl = np.moveaxis(_weights(x, mask), axis, -1)
+    size = xl.shape[-1] // num_groups
+    y = np.empty_like(xl)
+    for n in range(xl.shape[0]):
+        for g in range(num_groups):
+            block = xl[n, ..., g * size : (g + 1) * size]
+            w = wl[n, ..., g * size : (g + 1) * size]
+            mean = (w * block).sum() / w.sum()
+            var = (w * (block - mean) ** 2).sum() / w.sum()
+            y[n, ..., g * size : (g + 1) * size] = (block - mean) / np.sqrt(var + epsilon)
+    return affine(np.moveaxis(y, -1, axis), scale, bias, axis)
+
+
+def instancenorm(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None):
+    """InstanceNorm in float64: each example and channel over all other axes."""
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    reduced = tuple(a for a in range(1, x.ndim) if a != axis)
+    mean, var = _weighted_moments(x, _weights(x, mask), reduced)
+    return affine((x - mean) / np.sqrt(var + epsilon), scale, bias, axis)
+
+
+def rmsnorm(x, scale, *, axes=(-1,), epsilon=1e-6, mask=None):
+    """RMSNorm in float64: `x / sqrt(mean(x**2) + epsilon) * scale` over `axes`."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    w = _weights(x, mask)
+    mean_square = (w * x**2).sum(axis=axes, keepdims=True) / w.sum(axis=axes, keepdims=True)
+    y = x / np.sqrt(mean_square + epsilon)
+    if scale is not None:
+        shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+        y = y * np.asarray(scale, np.float64).reshape(shape)
+    return y
+
+
+def batchrenorm(
+    x,
+    scale,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    axis=-1,
+    epsilon=1e-5,
+    r_max=3.0,
+    d_max=5.0,
+    mask=None,
+    r=None,
+    d=None,
+):
+    """Training-mode Batch Renormalization in float64 (Ioffe 2017, Algorithm 1).
+
+    Returns `(y, batch_mean, batch_var, r, d)`, the statistics and corrections
+    of shape `(C,)`. Given `r` and `d` are used as constants instead of being
+    computed (to differentiate with them held fixed).
+    """
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    reduced = tuple(a for a in range(x.ndim) if a != axis)
+    mean, var = _weighted_moments(x, _weights(x, mask), reduced)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    running_mean = np.asarray(running_mean, np.float64).reshape(shape)
+    sigma = np.sqrt(np.asarray(running_var, np.float64).reshape(shape) + epsilon)
+    sigma_batch = np.sqrt(var + epsilon)
+    if r is None:
+        r = np.clip(sigma_batch / sigma, 1 / r_max, r_max)
+    if d is None:
+        d = np.clip((mean - running_mean) / sigma, -d_max, d_max)
+    r = np.asarray(r, np.float64).reshape(shape)
+    d = np.asarray(d, np.float64).reshape(shape)
+    y = affine((x - mean) / sigma_batch * r + d, scale, bias, axis)
+    return y, mean.reshape(-1), var.reshape(-1), r.reshape(-1), d.reshape(-1)
+
+
+def ghost_batchnorm(x, scale, bias, *, virtual_batch_size, axis=-1, epsilon=1e-5, mask=None):
+    """Ghost BatchNorm in float64: each run of `virtual_batch_size` examples on its own.
+
+    Returns `(y, mean, var)`: `mean` and `var` of shape `(C,)` are the averages
+    of the groups' statistics, each group weighted by how many entries count.
+    `mask` is boolean and broadcastable to `x` (feature axis of size 1).
+    """
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    w = _weights(x, mask)
+    reduced = tuple(a for a in range(x.ndim) if a != axis)
+    y = np.empty_like(x)
+    means, variances, counts = [], [], []
+    for start in range(0, x.shape[0], virtual_batch_size):
+        part = slice(start, start + virtual_batch_size)
+        mean, var = _weighted_moments(x[part], w[part], reduced)
+        y[part] = (x[part] - mean) / np.sqrt(var + epsilon)
+        means.append(mean.reshape(-1))
+        variances.append(var.reshape(-1))
+        counts.append(w[part].sum(axis=reduced))
+    counts = np.asarray(counts)
+    mean = (counts * np.asarray(means)).sum(axis=0) / counts.sum(axis=0)
+    var = (counts * np.asarray(variances)).sum(axis=0) / counts.sum(axis=0)
+    return affine(y, scale, bias, axis), mean, var
