@@ -30,3 +30,9 @@ TOL = {
 GRAD_TOL = {"float32": {"rtol": 2e-5, "atol": 2e-5}}
 # SPEC's bound for the large-mean case: std within 1e-3 of 1.
 LARGE_MEAN_TOL = 1e-3
+# float64 gradients against central differences of a float64 numpy function
+# with step h = 1e-6: truncation error ~h^2 |f'''| ~ 1e-11, rounding error
+# ~eps64 |f| / h ~ 2e-16 * 10 / 1e-6 = 2e-9 for losses |f| ~ 10. 1e-6 leaves
+# a margin of ~500 over that, and is still far below the O(1) differences a
+# wrong gradient (e.g. one taken through Batch Renorm's r and d) makes.
+FINITE_DIFFERENCE_TOL = {"rtol": 1e-6, "atol": 1e-6}
