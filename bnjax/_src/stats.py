@@ -59,8 +59,9 @@ def moments(
     `x` per kept position (held out of the gradient), `d = x - s` gives
     `var = E[d^2] - E[d]^2`. Neither sum waits for the other (two-pass
     `jnp.var` needs the mean before it can start), and since `s` lies
-    within the data's spread of the mean, the cancellation that ruins the unshifted form (`E[x^2] - E[x]^2` for mean 1e4, std 1 in
-    float32) does not occur. Both results are exact functions of `x` for any
+    within the data's spread of the mean, the cancellation that ruins the
+    unshifted form (`E[x^2] - E[x]^2` for mean 1e4, std 1 in float32) does
+    not occur. Both results are exact functions of `x` for any
     `s`, so gradients of every order are those of the textbook formulas.
 
     Args:
