@@ -17,6 +17,7 @@ the table with device and versions to JSON.
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -115,7 +116,7 @@ def run(repeats: int) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", default="batchnorm_passes.json")
+    parser.add_argument("--out", default="results/batchnorm_passes.json")
     args = parser.parse_args(argv)
     rows = run(args.repeats)
     print(f"{'shape':<20} {'mode':<8} {'impl':<9} {'ms':>8} {'x floor':>8}")
@@ -132,6 +133,7 @@ def main(argv=None) -> None:
         "machine": platform.machine(),
         "repeats": args.repeats,
     }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
