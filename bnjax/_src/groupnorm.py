@@ -83,8 +83,8 @@ def groupnorm_apply(
       >>> params = bnjax.groupnorm_init(4)
       >>> x = jnp.array([[[1.0, 3.0, 0.0, 0.0], [3.0, 1.0, 4.0, 4.0]]])
       >>> bnjax.groupnorm_apply(params, x, num_groups=2).round(3)
-      Array([[[-1.   ,  1.   , -1.   , -1.   ],
-              [ 1.   , -1.   ,  1.   ,  1.   ]]], dtype=float32)
+      Array([[[-1.,  1., -1., -1.],
+              [ 1., -1.,  1.,  1.]]], dtype=float32)
 
     References:
       Wu & He 2018, Group Normalization, arXiv:1803.08494.
