@@ -57,3 +57,10 @@ def test_normalizers_example_prints_one_line_per_normalizer():
     ], result.stdout
     for _, loss, accuracy in rows:
         assert float(loss) >= 0 and 0 <= float(accuracy) <= 100, result.stdout
+
+
+def test_data_parallel_example_keeps_running_stats_identical_on_every_device():
+    result = run_demo("--devices", "4", "--steps", "3", script=EXAMPLES / "data_parallel.py")
+    assert result.returncode == 0, result.stderr
+    assert "4 devices, global batch 64" in result.stdout, result.stdout
+    assert "running mean identical on all 4 devices: True" in result.stdout, result.stdout
