@@ -594,3 +594,41 @@ def test_jit_on_a_batch_sharded_over_the_mesh_gives_whole_batch_statistics(axis_
     np.testing.assert_allclose(new_state.mean, exp_mean, **FLOAT64_TOL)
     np.testing.assert_allclose(new_state.var, exp_var, **FLOAT64_TOL)
     assert int(new_state.count) == exp_count
+
+
+# --- the legacy pmap --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
+def test_pmap_synchronized_output_state_and_gradients_equal_whole_batch(shape, axis):
+    """Under `pmap` (no mesh context: pmap and a current mesh do not mix)."""
+    x = _input(shape, axis)
+    dy = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    params, state = _params(), _state()
+
+    def per_device(params, x):
+        return bnjax.batchnorm_apply(params, state, x, True, axis=axis, axis_name="data")
+
+    mapped = jax.pmap(per_device, axis_name="data", in_axes=(None, 0))
+    blocks = (NUM_DEVICES, -1, *shape[1:])
+
+    def mapped_loss(params, x):
+        y, _ = mapped(params, x.reshape(blocks))
+        return jnp.sum(y.reshape(shape) * dy), y.reshape(shape)
+
+    def whole_loss(params, x):
+        y, _ = bnjax.batchnorm_apply(params, state, x, True, axis=axis)
+        return jnp.sum(y * dy)
+
+    (_, y), grads = jax.value_and_grad(mapped_loss, argnums=(0, 1), has_aux=True)(
+        params, jnp.asarray(x)
+    )
+    _, new_states = mapped(params, jnp.asarray(x).reshape(blocks))
+
+    expected, mean, var = references.batchnorm(x, params.scale, params.bias, axis=axis)
+    np.testing.assert_allclose(np.asarray(y), expected, **FLOAT64_TOL)
+    _assert_replicated(new_states, NUM_DEVICES)
+    _assert_state_close(new_states, _expected_state(state, mean, var), FLOAT64_TOL)
+    want = jax.grad(whole_loss, argnums=(0, 1))(params, jnp.asarray(x))
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref, **GRAD_TOL)
