@@ -928,15 +928,6 @@ ERROR_CASES = {
         ),
         "virtual_batch_size",
     ),
-    "virtual_batch_size-with-axis_name": (
-        lambda params, state, x: jax.vmap(
-            lambda x: _jit(
-                bnjax.batchnorm_apply, params, state, x, True, virtual_batch_size=2, axis_name="i"
-            )[0],
-            axis_name="i",
-        )(jnp.stack([x, x])),
-        "virtual_batch_size",
-    ),
 }
 
 

@@ -632,3 +632,32 @@ def test_pmap_synchronized_output_state_and_gradients_equal_whole_batch(shape, a
     want = jax.grad(whole_loss, argnums=(0, 1))(params, jnp.asarray(x))
     for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(got), ref, **GRAD_TOL)
+
+
+# --- ghost batches across devices ---------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_synchronized_ghost_batchnorm_averages_the_groups_of_every_device(mesh, masked):
+    """Each device normalizes its own groups; the running update averages the
+    groups of all devices, so the result is ghost BatchNorm on the whole batch."""
+    shape, size = (32, 3, 3, C), 2  # four examples, two groups, per device
+    x = _input(shape, -1)
+    # Every group keeps its first example and, on some devices, its second.
+    keep = [[True, d % 2 == 0, True, d % 3 == 0] for d in range(NUM_DEVICES)]
+    mask = np.asarray(keep).reshape(-1, 1, 1) if masked else None
+    params, state = _params(), _state()
+    apply = _shard_apply(mesh, masked=masked, virtual_batch_size=size)
+
+    y, new_states = apply(params, state, _split(mesh, x), *([_split(mesh, mask)] if masked else []))
+
+    expected, mean, var = references.ghost_batchnorm(
+        x,
+        params.scale,
+        params.bias,
+        virtual_batch_size=size,
+        mask=None if mask is None else mask[..., None],
+    )
+    np.testing.assert_allclose(np.asarray(y), expected, **FLOAT64_TOL)
+    _assert_replicated(new_states, NUM_DEVICES)
+    _assert_state_close(new_states, _expected_state(state, mean, var), FLOAT64_TOL)

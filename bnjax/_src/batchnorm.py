@@ -102,7 +102,10 @@ def batchnorm_apply(
         group of this many consecutive examples (along axis 0) with the
         group's own statistics. The running statistics are updated once per
         call, with the count-weighted average of the groups' means and
-        variances. Must divide the batch size. Default None (one group).
+        variances. Must divide the batch size. With `axis_name`, each
+        device's groups are its own examples, and the running statistics
+        average the groups of all devices (one collective). Default None
+        (one group).
 
     Returns:
       `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated
@@ -207,27 +210,26 @@ def batch_statistics(
     if mask is not None:
         mask = checks.broadcast_mask(mask, x.shape, feature_axis)
     if virtual_batch_size is not None:
-        checks.check_virtual_batch_size(virtual_batch_size, x.shape, feature_axis, axis_name)
+        checks.check_virtual_batch_size(virtual_batch_size, x.shape, feature_axis)
         x, mask = _split_batch(x, mask, virtual_batch_size)
         feature_axis += 1
-    group_axes = () if virtual_batch_size is None else (0,)
-    reduced = tuple(a for a in range(x.ndim) if a != feature_axis and a not in group_axes)
-    per_feature = math.prod(x.shape[a] for a in reduced)
-    checks.check_values_per_feature(
-        per_feature * checks.mapped_axis_size(axis_name), x.shape, axis_name
-    )
-    moments = stats.moments(x, reduced, mask=mask, axis_name=axis_name)
     num_features = x.shape[feature_axis]
     if virtual_batch_size is None:
-        running_mean, running_var = moments.mean, moments.var
-        count = moments.count
-    else:  # Average over the groups, each weighted by its count.
-        counts = jnp.asarray(moments.count, moments.mean.dtype)
-        weights = jnp.broadcast_to(counts, moments.mean.shape)
-        count = moments.count * x.shape[0] if mask is None else jnp.sum(moments.count)
-        total = jnp.maximum(jnp.sum(weights, axis=0, keepdims=True), 1)
-        running_mean = jnp.sum(weights * moments.mean, axis=0, keepdims=True) / total
-        running_var = jnp.sum(weights * moments.var, axis=0, keepdims=True) / total
+        reduced = tuple(a for a in range(x.ndim) if a != feature_axis)
+        per_feature = math.prod(x.shape[a] for a in reduced)
+        checks.check_values_per_feature(
+            per_feature * checks.mapped_axis_size(axis_name), x.shape, axis_name
+        )
+        moments = stats.moments(x, reduced, mask=mask, axis_name=axis_name)
+        running_mean, running_var, count = moments.mean, moments.var, moments.count
+    else:
+        # Each group, on each device, is normalized with its own statistics.
+        reduced = tuple(a for a in range(1, x.ndim) if a != feature_axis)
+        checks.check_values_per_feature(
+            math.prod(x.shape[a] for a in reduced), x.shape, axis_name=None
+        )
+        moments = stats.moments(x, reduced, mask=mask)
+        running_mean, running_var, count = _average_groups(moments, axis_name)
     return Batch(
         x=x,
         feature_axis=feature_axis,
@@ -237,6 +239,27 @@ def batch_statistics(
         running_var=running_var.reshape(num_features),
         count=count,
     )
+
+
+def _average_groups(
+    moments: stats.Moments, axis_name: stats.AxisName | None
+) -> tuple[jax.Array, jax.Array, int | jax.Array]:
+    """Count-weighted average of the groups' statistics, over all devices.
+
+    Returns the mean and variance to fold into the running statistics, and
+    how many entries contributed in all.
+    """
+    dtype = moments.mean.dtype
+    counts = jnp.broadcast_to(jnp.asarray(moments.count, dtype), moments.mean.shape)
+    sums = jnp.stack([counts, counts * moments.mean, counts * moments.var]).sum(axis=1)
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)  # one collective for all three
+    total, mean_sum, var_sum = sums
+    safe_total = jnp.maximum(total, 1)
+    if isinstance(moments.count, int):
+        num_groups = moments.mean.shape[0] * checks.mapped_axis_size(axis_name)
+        return mean_sum / safe_total, var_sum / safe_total, moments.count * num_groups
+    return mean_sum / safe_total, var_sum / safe_total, jnp.reshape(total, -1)[0]
 
 
 def _split_batch(

@@ -141,9 +141,7 @@ def check_size(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
-def check_virtual_batch_size(
-    size: Any, x_shape: tuple[int, ...], feature_axis: int, axis_name: Any
-) -> None:
+def check_virtual_batch_size(size: Any, x_shape: tuple[int, ...], feature_axis: int) -> None:
     """Ghost batches split axis 0, the batch axis, into equal groups."""
     check_size("virtual_batch_size", size)
     if feature_axis == 0:
@@ -153,11 +151,6 @@ def check_virtual_batch_size(
     if x_shape[0] % size:
         raise ValueError(
             f"`virtual_batch_size` must divide the batch size {x_shape[0]}, got {size}."
-        )
-    if axis_name is not None:
-        raise ValueError(
-            "`virtual_batch_size` takes statistics per group of examples on each device; "
-            f"it cannot be combined with `axis_name`, got axis_name={axis_name!r}."
         )
 
 
