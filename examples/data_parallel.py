@@ -7,13 +7,20 @@ training, the script gathers every device's copy of the running statistics
 and checks they are identical.
 
     .venv/bin/python examples/data_parallel.py --devices 8 [--steps 400]
+    .venv/bin/python examples/data_parallel.py --processes 2 --devices 4
 
-`--devices N` simulates N CPU devices (it must come before JAX starts, so the
-script sets `XLA_FLAGS` itself); on a machine with accelerators leave it out.
+`--devices N` simulates N CPU devices per process (it must come before JAX
+starts, so the script sets `XLA_FLAGS` itself); on a machine with
+accelerators leave it out. `--processes P` starts P processes on this
+machine that join one `jax.distributed` runtime on 127.0.0.1 (CPU
+collectives through gloo), as P hosts would; each feeds its part of every
+global batch.
 """
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -25,11 +32,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--per-device-batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=1, help="processes, as hosts")
+    parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
+def launch(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Runs this script once per process, on a free port of 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, *argv, "--process-id", str(i), "--port", str(port)]
+        )
+        for i in range(args.processes)
+    ]
+    try:
+        codes = [w.wait(timeout=600) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    if any(codes):
+        raise SystemExit(f"a process failed: exit codes {codes}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.processes > 1 and args.process_id is None:
+        return launch(args, argv)
     if args.devices is not None:
         if "jax" in sys.modules:
             raise RuntimeError("--devices must be set before JAX is imported")
@@ -42,11 +75,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     import numpy as np
     import optax
     from digits import conv3x3, load_data
+    from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import bnjax
 
+    if args.process_id is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            f"127.0.0.1:{args.port}", args.processes, args.process_id, heartbeat_timeout_seconds=10
+        )
+    leader = jax.process_index() == 0
     num_devices = jax.device_count()
     mesh = jax.make_mesh((num_devices,), ("data",))
     batch_size = args.per_device_batch * num_devices
@@ -89,28 +129,39 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     shard = NamedSharding(mesh, P("data"))
     rng = np.random.default_rng(args.seed)
-    print(f"{num_devices} devices, global batch {batch_size}")
+    if leader:
+        print(f"{jax.process_count()} processes, {num_devices} devices, global batch {batch_size}")
+    # This process's part of each global batch: the rows its devices hold.
+    rows = batch_size // jax.process_count()
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     times = []
     for step in range(args.steps):
         index = rng.choice(len(train.labels), batch_size, replace=False)
-        images = jax.device_put(train.images[index], shard)
-        labels = jax.device_put(train.labels[index], shard)
+        images = jax.make_array_from_process_local_data(
+            shard, train.images[index][mine], (batch_size, 8, 8, 1)
+        )
+        labels = jax.make_array_from_process_local_data(
+            shard, train.labels[index][mine], (batch_size,)
+        )
         start = time.perf_counter()
         params, bn_state, opt_state, loss, copies = train_step(
             params, bn_state, opt_state, images, labels
         )
         loss.block_until_ready()
         times.append(time.perf_counter() - start)
-        if step == 0 or (step + 1) % 50 == 0:
+        if leader and (step == 0 or (step + 1) % 50 == 0):
             rate = batch_size / np.median(times[1:] or times)
             print(f"step {step + 1:4d}  loss {float(loss):.4f}  {rate:8.0f} examples/s")
 
-    copies = np.asarray(copies)
+    copies = np.asarray(multihost_utils.process_allgather(copies, tiled=True))
     identical = bool(np.all(copies == copies[0]))
-    print(f"running mean identical on all {len(copies)} devices: {identical}")
     logits, _ = jax.jit(forward, static_argnums=3)(params, bn_state, test.images, False)
     accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test.labels))
-    print(f"test accuracy (eval mode, running statistics): {accuracy:.2%}")
+    if leader:
+        print(f"running mean identical on all {len(copies)} devices: {identical}")
+        print(f"test accuracy (eval mode, running statistics): {accuracy:.2%}")
+    if args.process_id is not None:
+        jax.distributed.shutdown()
     if not identical:
         raise SystemExit("running statistics differ across devices")
 

@@ -64,3 +64,12 @@ def test_data_parallel_example_keeps_running_stats_identical_on_every_device():
     assert result.returncode == 0, result.stderr
     assert "4 devices, global batch 64" in result.stdout, result.stdout
     assert "running mean identical on all 4 devices: True" in result.stdout, result.stdout
+
+
+def test_data_parallel_example_runs_as_two_processes():
+    result = run_demo(
+        "--processes", "2", "--devices", "2", "--steps", "2", script=EXAMPLES / "data_parallel.py"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 processes, 4 devices, global batch 64" in result.stdout, result.stdout
+    assert "running mean identical on all 4 devices: True" in result.stdout, result.stdout
