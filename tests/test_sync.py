@@ -345,6 +345,61 @@ def test_tuple_axis_name_pools_over_every_named_mesh_axis():
     _assert_state_close(new_states, _expected_state(state, mean, var), FLOAT64_TOL)
 
 
+def test_two_dimensional_mesh_syncs_over_the_data_axis_only():
+    """Batch split over 'data' (4 ways), replicated over 'model' (2 ways):
+    syncing over 'data' alone gives the whole batch's statistics."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    x = _input((16, C), -1)
+    params, state = _params(), _state()
+
+    def per_device(params, state, x):
+        y, new_state = bnjax.batchnorm_apply(params, state, x, True, axis_name="data")
+        return y, new_state
+
+    fn = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P("data"), P())
+    )
+    with jax.set_mesh(mesh):
+        y, new_state = jax.jit(fn)(params, state, jax.device_put(x, NamedSharding(mesh, P("data"))))
+
+    expected, mean, var = references.batchnorm(x, params.scale, params.bias)
+    np.testing.assert_allclose(np.asarray(y), expected, **FLOAT64_TOL)
+    expected_mean, expected_var, expected_count = _expected_state(state, mean, var)
+    np.testing.assert_allclose(np.asarray(new_state.mean), expected_mean, **FLOAT64_TOL)
+    np.testing.assert_allclose(np.asarray(new_state.var), expected_var, **FLOAT64_TOL)
+    assert int(new_state.count) == expected_count
+
+
+def test_synchronized_batchrenorm_equals_whole_batch(mesh):
+    """Running statistics chosen so that r and d are clipped on some features."""
+    x = _input((16, 2, 2, C), -1)
+    params = _params()
+    state = bnjax.BatchStats(
+        mean=jnp.asarray([0.0, 30.0, 1.0], jnp.float32),
+        var=jnp.asarray([0.05, 1.0, 20.0], jnp.float32),
+        count=jnp.asarray(3, jnp.int32),
+    )
+
+    def per_device(params, state, x):
+        return bnjax.batchrenorm_apply(params, state, x, True, axis_name="data")
+
+    fn = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P("data"), P())
+    )
+    y, new_state = jax.jit(fn)(params, state, _split(mesh, x))
+
+    expected = references.batchrenorm(
+        x, params.scale, params.bias, np.asarray(state.mean), np.asarray(state.var)
+    )
+    np.testing.assert_allclose(np.asarray(y), expected[0], **FLOAT64_TOL)
+    _, whole = bnjax.batchrenorm_apply(params, state, jnp.asarray(x), True)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), b, **SAME_MATH_TOL),
+        new_state,
+        whole,
+    )
+
+
 # --- masks: pooled by count, not a mean of per-device means -------------------
 
 # Per-device numbers of unmasked entries; device 2 contributes nothing.
