@@ -16,15 +16,12 @@ the table with device and versions to JSON.
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from timing import interleaved_medians, write_results
 
 import bnjax
 
@@ -73,19 +70,6 @@ def _compile(fn: Callable, *args) -> tuple[Callable, float, float]:
     return compiled, traced - start, time.perf_counter() - traced
 
 
-def _median_times(fns: dict[str, Callable], args: tuple, repeats: int) -> dict[str, float]:
-    """Median seconds per call, repetitions interleaved across candidates."""
-    for fn in fns.values():  # warm up
-        jax.block_until_ready(fn(*args))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
 def run(repeats: int) -> list[dict]:
     rows = []
     for shape_name, shape in SHAPES.items():
@@ -98,7 +82,7 @@ def run(repeats: int) -> list[dict]:
                 fns = {name: _forward_and_backward(fn) for name, fn in fns.items()}
                 args = (params, x, dy)
             compiled = {name: _compile(fn, *args) for name, fn in fns.items()}
-            times = _median_times({n: c[0] for n, c in compiled.items()}, args, repeats)
+            times = interleaved_medians({n: c[0] for n, c in compiled.items()}, args, repeats)
             for name, seconds in times.items():
                 rows.append(
                     {
@@ -125,18 +109,7 @@ def main(argv=None) -> None:
             f"{r['shape']:<20} {r['mode']:<8} {r['impl']:<9} "
             f"{r['median_ms']:>8.2f} {r['ratio_to_floor']:>8.2f}"
         )
-    meta = {
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "bnjax": bnjax.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "repeats": args.repeats,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, rows, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,8 @@ Writes the table with device and versions to JSON.
 """
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 
 def main(argv=None) -> None:
@@ -33,6 +29,7 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
+    from timing import interleaved_medians, write_results
 
     import bnjax
 
@@ -73,15 +70,7 @@ def main(argv=None) -> None:
         dy = jax.device_put(jax.random.normal(jax.random.key(1), shape), split)
 
         steps = {"per-device": make_step(None), "synchronized": make_step("data")}
-        for step in steps.values():
-            jax.block_until_ready(step(params, state, x, dy))
-        samples = {name: [] for name in steps}
-        for _ in range(args.repeats):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                jax.block_until_ready(step(params, state, x, dy))
-                samples[name].append(time.perf_counter() - start)
-        medians = {name: statistics.median(t) for name, t in samples.items()}
+        medians = interleaved_medians(steps, (params, state, x, dy), args.repeats)
         for name, seconds in medians.items():
             rows.append(
                 {
@@ -100,18 +89,7 @@ def main(argv=None) -> None:
             f"{r['shape']:<14} {r['statistics']:<13} "
             f"{r['median_ms']:>8.3f} {r['ratio_to_per_device']:>6.2f}"
         )
-    meta = {
-        "devices": jax.device_count(),
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "bnjax": bnjax.__version__,
-        "python": platform.python_version(),
-        "repeats": args.repeats,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, rows, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Smoke tests of the examples: they run end to end and print their tables."""
+"""Smoke tests of the examples and benchmarks: they run end to end and report."""
 
+import json
 import os
 import re
 import subprocess
@@ -73,3 +74,13 @@ def test_data_parallel_example_runs_as_two_processes():
     assert result.returncode == 0, result.stderr
     assert "2 processes, 4 devices, global batch 64" in result.stdout, result.stdout
     assert "running mean identical on all 4 devices: True" in result.stdout, result.stdout
+
+
+def test_sync_overhead_benchmark_writes_its_table(tmp_path):
+    out = tmp_path / "sync.json"
+    script = EXAMPLES.parent / "benchmarks" / "sync_overhead.py"
+    result = run_demo("--devices", "2", "--repeats", "1", "--out", str(out), script=script)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["statistics"] for r in rows} == {"per-device", "synchronized"}
+    assert all(r["median_ms"] > 0 for r in rows)
