@@ -38,12 +38,15 @@ def batchnorm_eval(x, scale, bias, mean, var, *, axis=-1, epsilon=1e-5):
     return affine((x - mean) / np.sqrt(var + epsilon), scale, bias, axis)
 
 
-def layernorm(x, scale, bias, *, axes=(-1,), epsilon=1e-5):
-    """LayerNorm in float64 over `axes`; scale and bias have those axes' shape."""
+def layernorm(x, scale, bias, *, axes=(-1,), epsilon=1e-5, mask=None):
+    """LayerNorm in float64 over `axes`; scale and bias have those axes' shape.
+
+    With `mask` (boolean, broadcastable to `x`) only the entries where it is
+    True enter the statistics; every entry is normalized.
+    """
     x = np.asarray(x, np.float64)
     axes = tuple(sorted(a % x.ndim for a in axes))
-    mean = x.mean(axis=axes, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    mean, var = _weighted_moments(x, _weights(x, mask), axes)
     shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
     y = (x - mean) / np.sqrt(var + epsilon)
     if scale is not None:
@@ -245,20 +248,3 @@ def ghost_batchnorm(x, scale, bias, *, virtual_batch_size, axis=-1, epsilon=1e-5
     mean = (counts * np.asarray(means)).sum(axis=0) / counts.sum(axis=0)
     var = (counts * np.asarray(variances)).sum(axis=0) / counts.sum(axis=0)
     return affine(y, scale, bias, axis), mean, var
-
-
-def layernorm_masked(x, scale, bias, *, axes=(-1,), epsilon=1e-5, mask=None):
-    """LayerNorm in float64 whose statistics use only the entries where `mask` is True.
-
-    `mask` is boolean and broadcastable to `x`; every entry is normalized.
-    """
-    x = np.asarray(x, np.float64)
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    mean, var = _weighted_moments(x, _weights(x, mask), axes)
-    shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
-    y = (x - mean) / np.sqrt(var + epsilon)
-    if scale is not None:
-        y = y * np.asarray(scale, np.float64).reshape(shape)
-    if bias is not None:
-        y = y + np.asarray(bias, np.float64).reshape(shape)
-    return y
