@@ -14,6 +14,7 @@ normalizers the same guarantees:
 
 import math
 from collections.abc import Hashable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -79,19 +80,65 @@ def moments(
     """
     dtype = stats_dtype(x.dtype)
     shift = lax.stop_gradient(_shift(x, axes, mask)).astype(dtype)
-    d = x.astype(dtype) - shift
-    if mask is not None:
-        d = jnp.where(mask, d, 0)
     count, safe_count = _count(x, axes, mask)
-    mean_d = jnp.sum(d, axis=axes, keepdims=True) / safe_count
-    mean_d2 = jnp.sum(d * d, axis=axes, keepdims=True) / safe_count
-    var = jnp.maximum(mean_d2 - mean_d * mean_d, 0)
+    sum_d, sum_d2 = _shifted_sums(x, shift, mask, axes)
+    mean_d = sum_d / safe_count
+    var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0)
     mean = shift + mean_d
     if mask is not None:
         mean = jnp.where(count > 0, mean, 0)
     if axis_name is not None:
         return _pool_across(Moments(mean, var, count), axis_name)
     return Moments(mean, var, count)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _shifted_sums(
+    x: jax.Array, shift: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """`sum(d)` and `sum(d**2)` over `axes` of `d = x - shift`, masked entries left out.
+
+    Each sum is its own reduction that reads `x` directly: `_distinct` keeps
+    XLA from merging the two subtractions into one full-size `d`, which
+    would be written out and read back twice. The JVP rule below states the
+    derivatives with fresh expressions in `x` for the same reason; it makes
+    reverse mode a pair of elementwise terms in the final `dx` pass rather
+    than extra passes over the input.
+    """
+    dtype = shift.dtype
+    shift_1, shift_2 = _distinct(shift, shift)
+    d_1 = _masked(x.astype(dtype) - shift_1, mask)
+    d_2 = _masked(jnp.square(x.astype(dtype) - shift_2), mask)
+    return jnp.sum(d_1, axis=axes, keepdims=True), jnp.sum(d_2, axis=axes, keepdims=True)
+
+
+@_shifted_sums.defjvp
+def _shifted_sums_jvp(axes, primals, tangents):
+    x, shift, mask = primals
+    x_dot, shift_dot, _ = tangents
+    sums = _shifted_sums(x, shift, mask, axes)
+    (fresh_shift,) = _distinct(shift)
+    d = x.astype(shift.dtype) - fresh_shift
+    d_dot = _masked(x_dot.astype(shift.dtype) - shift_dot, mask)
+    sum_dot = jnp.sum(d_dot, axis=axes, keepdims=True)
+    sum_d2_dot = 2 * jnp.sum(d * d_dot, axis=axes, keepdims=True)
+    return sums, (sum_dot, sum_d2_dot)
+
+
+def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return v if mask is None else jnp.where(mask, v, 0)
+
+
+def _distinct(*small: jax.Array) -> tuple[jax.Array, ...]:
+    """The same small arrays, as values XLA will not merge with other uses.
+
+    XLA's common-subexpression elimination turns two identical full-size
+    expressions, such as `x - shift` feeding two reductions, into one whose
+    result is materialized for both. An optimization barrier on the small
+    operand costs nothing and keeps each use a separate expression that
+    fuses into its own consumer.
+    """
+    return lax.optimization_barrier(small)
 
 
 def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None = None) -> jax.Array:
@@ -230,10 +277,18 @@ def normalize(
     exact for inputs with a large mean.
     """
     dtype = stats_dtype(x.dtype)
+    mean = mean.astype(dtype)
     factor = lax.rsqrt(var.astype(dtype) + epsilon)
     if scale is not None:
         factor = factor * scale.astype(dtype)
-    y = (x.astype(dtype) - mean.astype(dtype)) * factor
+    # `(x - mean) * factor + bias`, written so that the gradient reaches
+    # `mean` through a per-feature term: its cotangent is then `-factor`
+    # times the bias's (a sum autodiff takes anyway), not a third reduction
+    # over a materialized `g * factor`. The values are unchanged:
+    # `mean - stop_gradient(mean)` is exactly 0.
+    fixed_mean = lax.stop_gradient(mean)
+    offset = -(mean - fixed_mean) * factor
     if bias is not None:
-        y = y + bias.astype(dtype)
+        offset = offset + bias.astype(dtype)
+    y = (x.astype(dtype) - fixed_mean) * factor + offset
     return y.astype(x.dtype)
