@@ -78,6 +78,13 @@ def moments(
       `Moments` with `mean` and `var` of shape `x.shape` with `axes` set to 1.
       Positions with no contributing entry get mean and variance 0.
     """
+    leading, trailing = _split_at_last_kept(x.ndim, axes)
+    if leading and trailing:
+        # E.g. GroupNorm on channels-last input: reducing the spatial axes
+        # first (per channel) and pooling the channels of a group after is
+        # a fast, contiguous reduction; the minor group axis is not.
+        per_position = moments(x, leading, mask=mask)
+        return _pool(per_position, trailing, axis_name)
     dtype = stats_dtype(x.dtype)
     shift = lax.stop_gradient(_shift(x, axes, mask)).astype(dtype)
     count, safe_count = _count(x, axes, mask)
@@ -92,11 +99,32 @@ def moments(
     return Moments(mean, var, count)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _shifted_sums(
     x: jax.Array, shift: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
     """`sum(d)` and `sum(d**2)` over `axes` of `d = x - shift`, masked entries left out.
+
+    Runs of adjacent reduced (or kept) axes are merged first, e.g. NHWC
+    BatchNorm becomes a `(N*H*W, C)` reduction: XLA's CPU reductions are
+    much faster on the merged view than on the same data at rank 5.
+    """
+    kinds = [a in axes for a in range(x.ndim)]
+    runs = _runs(kinds)
+
+    def merged(v: jax.Array | None) -> jax.Array | None:
+        return None if v is None else _merge_runs(v, x.shape, runs)
+
+    merged_axes = tuple(i for i, run in enumerate(runs) if kinds[run[0]])
+    sums = _merged_shifted_sums(merged(x), merged(shift), merged(mask), merged_axes)
+    shape = [1 if kind else n for kind, n in zip(kinds, x.shape, strict=True)]
+    return sums[0].reshape(shape), sums[1].reshape(shape)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _merged_shifted_sums(
+    x: jax.Array, shift: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """`_shifted_sums` on the merged view.
 
     Each sum is its own reduction that reads `x` directly: `_distinct` keeps
     XLA from merging the two subtractions into one full-size `d`, which
@@ -109,20 +137,48 @@ def _shifted_sums(
     shift_1, shift_2 = _distinct(shift, shift)
     d_1 = _masked(x.astype(dtype) - shift_1, mask)
     d_2 = _masked(jnp.square(x.astype(dtype) - shift_2), mask)
-    return jnp.sum(d_1, axis=axes, keepdims=True), jnp.sum(d_2, axis=axes, keepdims=True)
+    return jnp.sum(d_1, axes, keepdims=True), jnp.sum(d_2, axes, keepdims=True)
 
 
-@_shifted_sums.defjvp
-def _shifted_sums_jvp(axes, primals, tangents):
+@_merged_shifted_sums.defjvp
+def _merged_shifted_sums_jvp(axes, primals, tangents):
     x, shift, mask = primals
     x_dot, shift_dot, _ = tangents
-    sums = _shifted_sums(x, shift, mask, axes)
+    sums = _merged_shifted_sums(x, shift, mask, axes)
     (fresh_shift,) = _distinct(shift)
     d = x.astype(shift.dtype) - fresh_shift
     d_dot = _masked(x_dot.astype(shift.dtype) - shift_dot, mask)
-    sum_dot = jnp.sum(d_dot, axis=axes, keepdims=True)
-    sum_d2_dot = 2 * jnp.sum(d * d_dot, axis=axes, keepdims=True)
-    return sums, (sum_dot, sum_d2_dot)
+    sum_dot = jnp.sum(d_dot, axes, keepdims=True)
+    return sums, (sum_dot, 2 * jnp.sum(d * d_dot, axes, keepdims=True))
+
+
+def _runs(kinds: list[bool]) -> list[list[int]]:
+    """Groups axes into runs of adjacent axes of the same kind."""
+    runs: list[list[int]] = []
+    for a, kind in enumerate(kinds):
+        if runs and kinds[runs[-1][0]] == kind:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return runs
+
+
+def _merge_runs(v: jax.Array, shape: tuple[int, ...], runs: list[list[int]]) -> jax.Array:
+    """Reshapes `v` (broadcastable to `shape`, same rank) to one axis per run.
+
+    A run where `v` is broadcast along some axes but not others is
+    broadcast in full first (only masks need this, and they are small).
+    """
+    for run in runs:
+        if len({v.shape[a] == 1 for a in run}) > 1:
+            v = jnp.broadcast_to(v, [shape[a] if a in run else n for a, n in enumerate(v.shape)])
+    return v.reshape([math.prod(v.shape[a] for a in run) for run in runs])
+
+
+def _split_at_last_kept(ndim: int, axes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The reduced axes before the last kept axis, and those after it."""
+    last_kept = max((a for a in range(ndim) if a not in axes), default=-1)
+    return tuple(a for a in axes if a < last_kept), tuple(a for a in axes if a > last_kept)
 
 
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -228,8 +284,7 @@ def _pool_across(local: Moments, axis_name: AxisName) -> Moments:
 
     Each device writes its `(count, mean, var)` into its own slot of a zero
     array and one `psum` fills every slot everywhere: an all-gather whose
-    result is replicated. Pooling deviations from the global mean, rather
-    than raw second moments, keeps it stable for large means. A `psum` is
+    result is replicated, and `_combine` pools the slots. A `psum` is
     used instead of `all_gather` because its result is typed as replicated
     under `shard_map` (so it may leave through `P()`) and it is transposed
     correctly under `shard_map`, `vmap` and `pmap` alike.
@@ -239,16 +294,38 @@ def _pool_across(local: Moments, axis_name: AxisName) -> Moments:
     num_devices = lax.axis_size(axis_name)
     slots = jnp.zeros((num_devices, *mine.shape), mine.dtype)
     gathered = lax.psum(slots.at[lax.axis_index(axis_name)].set(mine), axis_name)
-    counts, means, variances = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    total = jnp.sum(counts, axis=0, keepdims=True)
-    safe_total = jnp.maximum(total, 1)
-    mean = jnp.sum(counts * means, axis=0, keepdims=True) / safe_total
-    spread = variances + jnp.square(means - mean)
-    var = jnp.sum(counts * spread, axis=0, keepdims=True) / safe_total
-    pooled = Moments(mean[0], var[0], total[0])
+    pooled = _combine(gathered[:, 0], gathered[:, 1], gathered[:, 2], (0,))
+    pooled = Moments(pooled.mean[0], pooled.var[0], pooled.count[0])
     if isinstance(local.count, int):
         return pooled._replace(count=local.count * num_devices)
     return pooled
+
+
+def _pool(local: Moments, axes: tuple[int, ...], axis_name: AxisName | None) -> Moments:
+    """Pools moments over their own `axes` exactly (and then across `axis_name`)."""
+    count = jnp.broadcast_to(jnp.asarray(local.count, local.mean.dtype), local.mean.shape)
+    pooled = _combine(count, local.mean, local.var, axes)
+    if isinstance(local.count, int):
+        pooled = pooled._replace(count=local.count * math.prod(local.mean.shape[a] for a in axes))
+    if axis_name is not None:
+        return _pool_across(pooled, axis_name)
+    return pooled
+
+
+def _combine(
+    counts: jax.Array, means: jax.Array, variances: jax.Array, axes: tuple[int, ...]
+) -> Moments:
+    """The parallel-variance formula: moments of the union of parts along `axes`.
+
+    Pooling deviations from the pooled mean, rather than raw second moments,
+    keeps it stable for large means. Parts with count 0 do not contribute.
+    """
+    total = jnp.sum(counts, axis=axes, keepdims=True)
+    safe_total = jnp.maximum(total, 1)
+    mean = jnp.sum(counts * means, axis=axes, keepdims=True) / safe_total
+    spread = variances + jnp.square(means - mean)
+    var = jnp.sum(counts * spread, axis=axes, keepdims=True) / safe_total
+    return Moments(mean, var, total)
 
 
 def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
