@@ -84,10 +84,11 @@ def rmsnorm_apply(
         mask = checks.broadcast_mask(mask, x.shape, None)
     mean_square = stats.mean_square(x, axes, mask=mask)
     dtype = mean_square.dtype
-    factor = lax.rsqrt(mean_square + epsilon)
+    # Scaling by the per-example factor before the per-feature scale (rather
+    # than by their full-size product) saves autodiff two passes over `x`.
+    y = x.astype(dtype) * lax.rsqrt(mean_square + epsilon)
     if params.scale is not None:
-        factor = factor * stats.broadcast_to_axes(params.scale, x.ndim, axes).astype(dtype)
-    y = x.astype(dtype) * factor
+        y = y * stats.broadcast_to_axes(params.scale, x.ndim, axes).astype(dtype)
     if params.bias is not None:
         y = y + stats.broadcast_to_axes(params.bias, x.ndim, axes).astype(dtype)
     return y.astype(x.dtype)

@@ -338,6 +338,11 @@ def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> 
     return jnp.reshape(p, shape)
 
 
+# How many entries a statistic covers, at least, for `normalize` to route the
+# mean's gradient through a per-feature term.
+_MANY_ENTRIES = 1024
+
+
 def normalize(
     x: jax.Array,
     mean: jax.Array,
@@ -358,6 +363,11 @@ def normalize(
     factor = lax.rsqrt(var.astype(dtype) + epsilon)
     if scale is not None:
         factor = factor * scale.astype(dtype)
+    if mean.size * _MANY_ENTRIES > x.size:
+        # Each statistic covers few entries (a row, for LayerNorm): XLA fuses
+        # the reductions and this pass into one, which the form below breaks.
+        y = (x.astype(dtype) - mean) * factor
+        return (y if bias is None else y + bias.astype(dtype)).astype(x.dtype)
     # `(x - mean) * factor + bias`, written so that the gradient reaches
     # `mean` through a per-feature term: its cotangent is then `-factor`
     # times the bias's (a sum autodiff takes anyway), not a third reduction
