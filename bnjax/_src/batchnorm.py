@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import checks, stats
+from bnjax._src import checks, collect, stats
 from bnjax._src.types import BatchStats, NormParams
 
 
@@ -63,6 +63,8 @@ def batchnorm_apply(
     axis_name: stats.AxisName | None = None,
     mask: jax.Array | None = None,
     virtual_batch_size: int | None = None,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
     """Normalizes each feature of `x` with batch or running statistics.
 
@@ -106,6 +108,23 @@ def batchnorm_apply(
         device's groups are its own examples, and the running statistics
         average the groups of all devices (one collective). Default None
         (one group).
+      unbiased_running_var: fold the unbiased variance `var * n / (n - 1)`
+        into the running variance, `n` being the number of entries the batch
+        variance was taken over (counted across `axis_name`; per group with
+        `virtual_batch_size`), as PyTorch does. Normalization still uses the
+        biased variance. With `momentum = 1 - torch_momentum` (see
+        `bnjax.convert.from_torch_momentum`) training then matches
+        `torch.nn.BatchNorm*d` step for step. Default False (biased, as
+        numpy-ml, Flax and Keras).
+      skip_nonfinite: if this batch's mean or variance has a NaN or an
+        infinity, leave the running statistics and `count` as they were
+        (observable as `new_state.count == state.count`), as for a fully
+        masked batch; the output is still computed from the batch. One bad
+        batch would otherwise poison the running statistics for good, and
+        silently: they are only read in eval mode. The check is a reduction
+        over `2 C` values. With `axis_name` every device sees the same pooled
+        statistics, so all devices skip together. Default True; False lets
+        non-finite values through.
 
     Returns:
       `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated
@@ -139,11 +158,13 @@ def batchnorm_apply(
     feature_axis = check_inputs(params, state, x, train, axis, momentum, epsilon)
     if not train:
         return normalize_with_running_stats(params, state, x, feature_axis, epsilon), state
-    batch = batch_statistics(x, feature_axis, mask, axis_name, virtual_batch_size)
+    batch = batch_statistics(
+        x, feature_axis, mask, axis_name, virtual_batch_size, unbiased_running_var
+    )
     scale = stats.broadcast_to_axes(params.scale, batch.x.ndim, (batch.feature_axis,))
     bias = stats.broadcast_to_axes(params.bias, batch.x.ndim, (batch.feature_axis,))
     y = stats.normalize(batch.x, batch.mean, batch.var, scale, bias, epsilon)
-    return y.reshape(x.shape), update_running(state, batch, momentum)
+    return y.reshape(x.shape), update_running(state, batch, momentum, skip_nonfinite)
 
 
 class Batch(NamedTuple):
@@ -157,6 +178,9 @@ class Batch(NamedTuple):
       running_mean: `(C,)`, what the running mean is updated with.
       running_var: `(C,)`, what the running variance is updated with.
       count: how many entries contributed in all, an int or a scalar array.
+      whole_var: `(C,)`, the biased variance of the whole batch (all groups,
+        all devices), which precise statistics collect; None for ghost
+        batches outside collection mode.
     """
 
     x: jax.Array
@@ -166,6 +190,7 @@ class Batch(NamedTuple):
     running_mean: jax.Array
     running_var: jax.Array
     count: int | jax.Array
+    whole_var: jax.Array | None
 
 
 def check_inputs(
@@ -205,6 +230,7 @@ def batch_statistics(
     mask: jax.Array | None,
     axis_name: stats.AxisName | None,
     virtual_batch_size: int | None,
+    unbiased_running_var: bool = False,
 ) -> Batch:
     """Statistics over every axis but the feature axis (per ghost group)."""
     if mask is not None:
@@ -221,7 +247,8 @@ def batch_statistics(
             per_feature * checks.mapped_axis_size(axis_name), x.shape, axis_name
         )
         moments = stats.moments(x, reduced, mask=mask, axis_name=axis_name)
-        running_mean, running_var, count = moments.mean, moments.var, moments.count
+        running_mean, count, whole_var = moments.mean, moments.count, moments.var
+        running_var = _unbiased(moments) if unbiased_running_var else moments.var
     else:
         # Each group, on each device, is normalized with its own statistics.
         reduced = tuple(a for a in range(1, x.ndim) if a != feature_axis)
@@ -229,7 +256,11 @@ def batch_statistics(
             math.prod(x.shape[a] for a in reduced), x.shape, axis_name=None
         )
         moments = stats.moments(x, reduced, mask=mask)
-        running_mean, running_var, count = _average_groups(moments, axis_name)
+        running = moments._replace(var=_unbiased(moments)) if unbiased_running_var else moments
+        running_mean, running_var, count = _average_groups(running, axis_name)
+        whole_var = None
+        if collect.is_collecting():
+            whole_var = _whole_batch_var(moments, running_mean, axis_name)
     return Batch(
         x=x,
         feature_axis=feature_axis,
@@ -238,7 +269,33 @@ def batch_statistics(
         running_mean=running_mean.reshape(num_features),
         running_var=running_var.reshape(num_features),
         count=count,
+        whole_var=None if whole_var is None else whole_var.reshape(num_features),
     )
+
+
+def _unbiased(moments: stats.Moments) -> jax.Array:
+    """`var * n / (n - 1)`, with a single entry (`n = 1`, variance 0) left at 0."""
+    if isinstance(moments.count, int):
+        return moments.var * (moments.count / max(moments.count - 1, 1))
+    return moments.var * (moments.count / jnp.maximum(moments.count - 1, 1))
+
+
+def _whole_batch_var(
+    moments: stats.Moments, mean: jax.Array, axis_name: stats.AxisName | None
+) -> jax.Array:
+    """The biased variance of all ghost groups together, from their moments.
+
+    Each group adds its own variance plus the squared distance of its mean
+    from the whole batch's `mean`, weighted by its count (the parallel
+    variance formula); with `axis_name`, summed over all devices.
+    """
+    dtype = moments.mean.dtype
+    counts = jnp.broadcast_to(jnp.asarray(moments.count, dtype), moments.mean.shape)
+    spread = moments.var + jnp.square(moments.mean - mean[None])
+    sums = jnp.stack([counts, counts * spread]).sum(axis=1)
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+    return sums[1] / jnp.maximum(sums[0], 1)
 
 
 def _average_groups(
@@ -285,11 +342,16 @@ def _check_params_and_state(
     checks.check_param_shape("state.count", state.count, (), "a scalar")
 
 
-def update_running(state: BatchStats, batch: Batch, momentum: float | None) -> BatchStats:
+def update_running(
+    state: BatchStats, batch: Batch, momentum: float | None, skip_nonfinite: bool = True
+) -> BatchStats:
     """Folds one batch's statistics into the running ones, without gradient.
 
     `running = momentum * running + (1 - momentum) * batch`, or with
-    `momentum=None` the cumulative average over all updates.
+    `momentum=None` the cumulative average over all updates. A batch with no
+    contributing entry, or (with `skip_nonfinite`) with non-finite
+    statistics, leaves `state` as it was. In collection mode a state marked
+    by `precise_batch_stats` gets the batch's raw moments instead.
     """
     mean, var, count = batch.running_mean, batch.running_var, batch.count
     mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
@@ -305,8 +367,38 @@ def update_running(state: BatchStats, batch: Batch, momentum: float | None) -> B
     new_state = BatchStats(
         new_mean.astype(dtype), new_var.astype(dtype), state.count + jnp.int32(1)
     )
-    if isinstance(count, int):
-        return new_state
-    # A batch whose entries are all masked out carries no statistics.
-    seen = jnp.reshape(count, -1)[0] > 0
-    return jax.tree.map(lambda new, old: jnp.where(seen, new, old), new_state, state)
+    usable = _is_usable(count, mean, var, skip_nonfinite)
+    if usable is not None:
+        new_state = jax.tree.map(lambda new, old: jnp.where(usable, new, old), new_state, state)
+    if collect.is_collecting():
+        new_state = _report_moments(state, batch, new_state)
+    return new_state
+
+
+def _is_usable(
+    count: int | jax.Array, mean: jax.Array, var: jax.Array, skip_nonfinite: bool
+) -> jax.Array | None:
+    """Whether a batch may enter the running statistics; None when it always may."""
+    usable = None
+    if not isinstance(count, int):
+        # A batch whose entries are all masked out carries no statistics.
+        usable = jnp.reshape(count, -1)[0] > 0
+    if skip_nonfinite:
+        finite = jnp.isfinite(mean).all() & jnp.isfinite(var).all()
+        usable = finite if usable is None else usable & finite
+    return usable
+
+
+def _report_moments(state: BatchStats, batch: Batch, new_state: BatchStats) -> BatchStats:
+    """Collection mode: the whole batch's moments if `state` is marked, else `new_state`.
+
+    The reported `count` encodes how many entries contributed (see `collect`).
+    """
+    dtype = state.mean.dtype
+    reported = BatchStats(
+        lax.stop_gradient(batch.running_mean).astype(dtype),
+        lax.stop_gradient(batch.whole_var).astype(dtype),
+        collect.encode(jnp.reshape(jnp.asarray(batch.count), -1)[0]),
+    )
+    marked = state.count == collect.MARK
+    return jax.tree.map(lambda r, u: jnp.where(marked, r, u), reported, new_state)

@@ -22,6 +22,8 @@ def batchrenorm_apply(
     axis_name: stats.AxisName | None = None,
     mask: jax.Array | None = None,
     virtual_batch_size: int | None = None,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
     """BatchNorm corrected towards the running statistics (Ioffe 2017, Alg. 1).
 
@@ -53,6 +55,11 @@ def batchrenorm_apply(
         entries do not contribute to the statistics. Default None.
       virtual_batch_size: ghost batches, as in `batchnorm_apply`; `r` and `d`
         are then per group. Default None.
+      unbiased_running_var: fold `var * n / (n - 1)` into the running
+        variance, as in `batchnorm_apply`. Default False.
+      skip_nonfinite: leave the running statistics and `count` as they were
+        when this batch's statistics are not finite, as in `batchnorm_apply`.
+        Default True.
 
     Returns:
       `(y, new_state)` as in `batchnorm_apply`.
@@ -78,7 +85,9 @@ def batchrenorm_apply(
         return batchnorm.normalize_with_running_stats(
             params, state, x, feature_axis, epsilon
         ), state
-    batch = batchnorm.batch_statistics(x, feature_axis, mask, axis_name, virtual_batch_size)
+    batch = batchnorm.batch_statistics(
+        x, feature_axis, mask, axis_name, virtual_batch_size, unbiased_running_var
+    )
 
     def expand(v: jax.Array | None) -> jax.Array | None:
         return stats.broadcast_to_axes(v, batch.x.ndim, (batch.feature_axis,))
@@ -93,4 +102,5 @@ def batchrenorm_apply(
     scale = jnp.ones((), dtype) if params.scale is None else expand(params.scale).astype(dtype)
     bias = jnp.zeros((), dtype) if params.bias is None else expand(params.bias).astype(dtype)
     y = stats.normalize(batch.x, batch.mean, batch.var, scale * r, bias + scale * d, epsilon)
-    return y.reshape(x.shape), batchnorm.update_running(state, batch, momentum)
+    new_state = batchnorm.update_running(state, batch, momentum, skip_nonfinite)
+    return y.reshape(x.shape), new_state

@@ -28,6 +28,8 @@ def batchnorm(
     epsilon: float = 1e-5,
     axis_name: stats.AxisName | None = None,
     virtual_batch_size: int | None = None,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
     use_scale: bool = True,
     use_bias: bool = True,
     param_dtype: Any = jnp.float32,
@@ -47,6 +49,8 @@ def batchnorm(
         epsilon=epsilon,
         axis_name=axis_name,
         virtual_batch_size=virtual_batch_size,
+        unbiased_running_var=unbiased_running_var,
+        skip_nonfinite=skip_nonfinite,
     )
     return _batch_normalizer(batchnorm_apply, hyper, axis, use_scale, use_bias, param_dtype)
 
@@ -60,6 +64,8 @@ def batchrenorm(
     d_max: float = 5.0,
     axis_name: stats.AxisName | None = None,
     virtual_batch_size: int | None = None,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
     use_scale: bool = True,
     use_bias: bool = True,
     param_dtype: Any = jnp.float32,
@@ -76,6 +82,8 @@ def batchrenorm(
         d_max=d_max,
         axis_name=axis_name,
         virtual_batch_size=virtual_batch_size,
+        unbiased_running_var=unbiased_running_var,
+        skip_nonfinite=skip_nonfinite,
     )
     return _batch_normalizer(batchrenorm_apply, hyper, axis, use_scale, use_bias, param_dtype)
 

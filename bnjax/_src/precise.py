@@ -1,0 +1,179 @@
+"""Precise BatchNorm statistics: the population moments over many batches."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax._src import collect
+from bnjax._src.types import BatchStats
+
+
+def precise_batch_stats(
+    stats_fn: Callable[[Any, Any], Any], state: Any, batches: Iterable[Any]
+) -> Any:
+    """Re-estimates every BatchNorm's running statistics over many batches.
+
+    The running statistics of training are an exponential average of batch
+    statistics taken while the weights changed. For evaluation, the mean
+    and variance of each BatchNorm's input over a whole data set, with the
+    final weights, are usually better. This runs `stats_fn` on each batch
+    and sets each BatchNorm's running `mean` to the mean and `var` to the
+    biased variance of all the entries its input had over all `batches`
+    (pooled, each batch weighted by how many entries it contributed: not
+    an average of per-batch variances). Each layer's input is computed as
+    in training: earlier BatchNorm layers normalize with their batch's own
+    statistics.
+
+    How: `stats_fn` is traced under a fresh `jax.jit`, with BatchNorm in
+    collection mode, and called with a copy of `state` whose `count`s are
+    marked. Every training-mode `batchnorm_apply` and `batchrenorm_apply`
+    then returns, in place of its updated state, this batch's mean, biased
+    variance and number of contributing entries: of the whole batch for
+    ghost batches, of all unmasked entries with `mask`, and pooled across
+    devices with `axis_name`. These are merged on the host in float64 with
+    the parallel (Chan et al.) formula: float64 keeps the merge exact to
+    float32 precision however many batches there are, and it costs one
+    small transfer per batch, which overlaps with the next batch's
+    computation.
+
+    Args:
+      stats_fn: `stats_fn(state, batch) -> new_state`, the model's
+        training-mode forward pass reduced to its new state, e.g.
+        `lambda s, b: model_apply(params, s, b, train=True)[1]`. It must
+        call the BatchNorm layers when traced here (not reuse a function
+        traced earlier by `jax.jit`), in training mode, and return the
+        state in `state`'s structure.
+      state: any pytree containing `BatchStats` nodes (for example a dict
+        of them, or `BatchStats` with leading axes for layers stacked for
+        `lax.scan`).
+      batches: an iterable of batches, each passed to `stats_fn`. Batch
+        sizes may differ (each new shape is traced once).
+
+    Returns:
+      `state` with the `mean` and `var` of every `BatchStats` replaced by the
+      precise statistics, in their dtype, and everything else, `count`
+      included, unchanged. A layer whose input had no unmasked entry in any
+      batch keeps its running statistics.
+
+    Raises:
+      ValueError: `state` has no `BatchStats`; `batches` is empty;
+        `stats_fn` returns another structure; a `BatchStats` in the result
+        was not computed in collection mode (its layer ran in eval mode, or
+        not at all, or inside a function `jax.jit` had traced before).
+
+    Example:
+      >>> params, state = bnjax.batchnorm_init(2)
+      >>> stats_fn = lambda s, b: bnjax.batchnorm_apply(params, s, b, True)[1]
+      >>> batches = [jnp.array([[0.0, 1.0], [2.0, 1.0]]), jnp.array([[4.0, 4.0]] * 2)]
+      >>> state = bnjax.precise_batch_stats(stats_fn, state, batches)
+      >>> state.mean, state.var
+      (Array([2.5, 2.5], dtype=float32), Array([2.75, 2.25], dtype=float32))
+      >>> state.count  # unchanged
+      Array(0, dtype=int32)
+
+    References:
+      Wu & Johnson 2021, Rethinking "Batch" in BatchNorm, arXiv:2105.07576.
+      Chan, Golub & LeVeque 1979, Updating formulae and a pairwise algorithm
+      for computing sample variances.
+    """
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_stats)
+    leaves = [leaf for _, leaf in paths_and_leaves]
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, BatchStats)]
+    if not positions:
+        raise ValueError(
+            f"`state` must contain at least one `BatchStats`, got {jax.tree.structure(state)}."
+        )
+    names = {i: jax.tree_util.keystr(paths_and_leaves[i][0]) or "state" for i in positions}
+    marked = list(leaves)
+    for i in positions:
+        marked[i] = leaves[i]._replace(
+            count=jnp.full(jnp.shape(leaves[i].count), collect.MARK, jnp.int32)
+        )
+    marked_state = jax.tree.unflatten(treedef, marked)
+
+    # A new function object per call: no trace cached by an earlier call is reused.
+    traced = jax.jit(lambda s, b: stats_fn(s, b))
+    pooled: dict[int, _Pooled] = {}
+    pending = None
+    with collect.collecting():
+        for batch in batches:
+            result = traced(marked_state, batch)
+            if pending is not None:  # merge the previous batch while this one runs
+                _merge(pooled, pending, treedef, positions, names)
+            pending = result
+    if pending is None:
+        raise ValueError("`batches` must yield at least one batch, got none.")
+    _merge(pooled, pending, treedef, positions, names)
+
+    new_leaves = list(leaves)
+    for i in positions:
+        new_leaves[i] = pooled[i].result(leaves[i])
+    return jax.tree.unflatten(treedef, new_leaves)
+
+
+def _is_stats(node: Any) -> bool:
+    return isinstance(node, BatchStats)
+
+
+class _Pooled:
+    """Count, mean and sum of squared deviations over the batches so far, float64."""
+
+    def __init__(self, n: np.ndarray, mean: np.ndarray, var: np.ndarray):
+        self.n = n[..., None]
+        self.mean = mean
+        self.m2 = var * self.n
+
+    def add(self, n: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+        """Chan et al.'s update: merges one batch's moments into the totals."""
+        n = n[..., None]
+        total = self.n + n
+        safe = np.maximum(total, 1)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / safe)
+        self.m2 = self.m2 + var * n + delta**2 * (self.n * n / safe)
+        self.n = total
+
+    def result(self, old: BatchStats) -> BatchStats:
+        seen = self.n > 0
+        var = self.m2 / np.maximum(self.n, 1)
+        mean = np.where(seen, self.mean, np.asarray(old.mean, np.float64))
+        var = np.where(seen, var, np.asarray(old.var, np.float64))
+        dtype = jnp.result_type(old.mean)
+        return old._replace(mean=jnp.asarray(mean, dtype), var=jnp.asarray(var, dtype))
+
+
+def _merge(
+    pooled: dict[int, "_Pooled"],
+    result: Any,
+    treedef: Any,
+    positions: list[int],
+    names: dict[int, str],
+) -> None:
+    """Checks one batch's collected state and merges it into `pooled`."""
+    leaves, result_treedef = jax.tree.flatten(result, is_leaf=_is_stats)
+    if result_treedef != treedef:
+        raise ValueError(
+            "`stats_fn` must return the state in the structure of `state`, "
+            f"{treedef}, got {result_treedef}."
+        )
+    fetched = jax.device_get([leaves[i] for i in positions])
+    for i, stats in zip(positions, fetched, strict=True):
+        n = collect.decode(np.asarray(stats.count, np.int64))
+        if np.any(n < 0):
+            raise ValueError(
+                f"The BatchNorm of `{names[i]}` did not report its batch statistics: "
+                "`stats_fn` must run it in training mode (`train=True`), and it must "
+                "be traced afresh. A function that `jax.jit` traced before "
+                "`precise_batch_stats` reuses that trace: call the model itself, not "
+                "an already-jitted function, inside `stats_fn`."
+            )
+        mean = np.asarray(stats.mean, np.float64)
+        var = np.asarray(stats.var, np.float64)
+        n = n.astype(np.float64)
+        if i in pooled:
+            pooled[i].add(n, mean, var)
+        else:
+            pooled[i] = _Pooled(n, mean, var)
