@@ -2,25 +2,32 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from bnjax import convert as convert
 from bnjax._src.batchnorm import batchnorm_apply as batchnorm_apply
 from bnjax._src.batchnorm import batchnorm_init as batchnorm_init
 from bnjax._src.batchrenorm import batchrenorm_apply as batchrenorm_apply
+from bnjax._src.checkpoint import load_checkpoint as load_checkpoint
+from bnjax._src.checkpoint import save_checkpoint as save_checkpoint
 from bnjax._src.factories import batchnorm as batchnorm
 from bnjax._src.factories import batchrenorm as batchrenorm
 from bnjax._src.factories import groupnorm as groupnorm
 from bnjax._src.factories import instancenorm as instancenorm
 from bnjax._src.factories import layernorm as layernorm
 from bnjax._src.factories import rmsnorm as rmsnorm
+from bnjax._src.folding import fold_batchnorm_after as fold_batchnorm_after
+from bnjax._src.folding import fold_batchnorm_before_dense as fold_batchnorm_before_dense
 from bnjax._src.groupnorm import groupnorm_apply as groupnorm_apply
 from bnjax._src.groupnorm import groupnorm_init as groupnorm_init
 from bnjax._src.groupnorm import instancenorm_apply as instancenorm_apply
 from bnjax._src.layernorm import layernorm_apply as layernorm_apply
 from bnjax._src.layernorm import layernorm_init as layernorm_init
+from bnjax._src.precise import precise_batch_stats as precise_batch_stats
 from bnjax._src.rmsnorm import rmsnorm_apply as rmsnorm_apply
 from bnjax._src.rmsnorm import rmsnorm_init as rmsnorm_init
 from bnjax._src.types import BatchStats as BatchStats
 from bnjax._src.types import Normalizer as Normalizer
 from bnjax._src.types import NormParams as NormParams
+from bnjax._src.weight_decay import weight_decay_mask as weight_decay_mask
 
 try:
     __version__ = version("bnjax")
@@ -36,6 +43,9 @@ __all__ = [
     "batchnorm_init",
     "batchrenorm",
     "batchrenorm_apply",
+    "convert",
+    "fold_batchnorm_after",
+    "fold_batchnorm_before_dense",
     "groupnorm",
     "groupnorm_apply",
     "groupnorm_init",
@@ -44,7 +54,11 @@ __all__ = [
     "layernorm",
     "layernorm_apply",
     "layernorm_init",
+    "load_checkpoint",
+    "precise_batch_stats",
     "rmsnorm",
     "rmsnorm_apply",
     "rmsnorm_init",
+    "save_checkpoint",
+    "weight_decay_mask",
 ]

@@ -248,3 +248,19 @@ def ghost_batchnorm(x, scale, bias, *, virtual_batch_size, axis=-1, epsilon=1e-5
     mean = (counts * np.asarray(means)).sum(axis=0) / counts.sum(axis=0)
     var = (counts * np.asarray(variances)).sum(axis=0) / counts.sum(axis=0)
     return affine(y, scale, bias, axis), mean, var
+
+
+def conv(x, kernel):
+    """Stride-1 SAME convolution in float64, channels last: `x` is `(N, *spatial,
+    C_in)`, `kernel` is `(*window, C_in, C_out)` (HWIO). SAME pads each spatial
+    axis by `(k - 1) // 2` before and `k // 2` after, as `lax.conv_general_dilated`.
+    """
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    window = kernel.shape[:-2]
+    d = len(window)
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in window] + [(0, 0)]
+    patches = np.lib.stride_tricks.sliding_window_view(
+        np.pad(x, pads), window, axis=tuple(range(1, 1 + d))
+    )
+    # patches: (N, *spatial, C_in, *window), contracted with the kernel's (*window, C_in).
+    return np.tensordot(patches, kernel, axes=(list(range(-d - 1, 0)), [d, *range(d)]))

@@ -12,7 +12,19 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax._src import batchnorm, batchrenorm, factories, groupnorm, layernorm, rmsnorm
+from bnjax._src import (
+    batchnorm,
+    batchrenorm,
+    checkpoint,
+    convert,
+    factories,
+    folding,
+    groupnorm,
+    layernorm,
+    precise,
+    rmsnorm,
+    weight_decay,
+)
 
 
 def _batchnorm_train(params, x):
@@ -77,10 +89,22 @@ def test_jvp_equals_linearized_vjp(name):
 
 @pytest.mark.parametrize(
     "module",
-    [batchnorm, batchrenorm, factories, groupnorm, layernorm, rmsnorm],
+    [
+        batchnorm,
+        batchrenorm,
+        checkpoint,
+        convert,
+        factories,
+        folding,
+        groupnorm,
+        layernorm,
+        precise,
+        rmsnorm,
+        weight_decay,
+    ],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples_run(module):
-    globs = {"bnjax": bnjax, "jnp": jnp, "jax": jax}
+    globs = {"bnjax": bnjax, "jnp": jnp, "jax": jax, "np": np}
     result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
