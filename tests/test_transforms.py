@@ -16,7 +16,6 @@ from bnjax._src import (
     batchnorm,
     batchrenorm,
     checkpoint,
-    convert,
     factories,
     folding,
     groupnorm,
@@ -25,6 +24,7 @@ from bnjax._src import (
     rmsnorm,
     weight_decay,
 )
+from bnjax._src.convert import flax_linen, haiku, keras, pytorch
 
 
 def _batchnorm_train(params, x):
@@ -93,12 +93,15 @@ def test_jvp_equals_linearized_vjp(name):
         batchnorm,
         batchrenorm,
         checkpoint,
-        convert,
         factories,
+        flax_linen,
         folding,
         groupnorm,
+        haiku,
+        keras,
         layernorm,
         precise,
+        pytorch,
         rmsnorm,
         weight_decay,
     ],

@@ -30,7 +30,8 @@ class BatchStats(NamedTuple):
 
     Attributes:
       mean: running mean per feature, shape `(C,)`.
-      var: running biased variance per feature, shape `(C,)`.
+      var: running biased variance per feature, shape `(C,)`; unbiased (as
+        PyTorch) with `batchnorm_apply(..., unbiased_running_var=True)`.
       count: int32 scalar, the number of training updates folded in so far.
         It drives the cumulative average of `momentum=None`.
     """

@@ -1,0 +1,23 @@
+"""Lossless conversion of normalization layers to and from other frameworks.
+
+Each pair `from_X_...` / `to_X_...` copies the stored values as they are (no
+arithmetic, so a round trip is bit-exact) and maps the names and shapes:
+
+| bnjax | PyTorch | Flax linen | Haiku | Keras |
+| --- | --- | --- | --- | --- |
+| `params.scale` | `weight` | `params/scale` | `scale` `[1,..,1,C]` | `gamma` |
+| `params.bias` | `bias` | `params/bias` | `offset` `[1,..,1,C]` | `beta` |
+| `state.mean` | `running_mean` | `batch_stats/mean` | `mean_ema/average` | `moving_mean` |
+| `state.var` | `running_var` | `batch_stats/var` | `var_ema/average` | `moving_variance` |
+| `state.count` | `num_batches_tracked` | (none) | `mean_ema/counter` | (none) |
+| momentum | `1 - momentum` | `momentum` | `decay_rate` | `momentum` |
+| epsilon default | 1e-5 | 1e-5 | (required) | 1e-3 |
+
+None of these imports the other framework: arrays go in as anything
+`numpy.asarray` takes (torch tensors included) and come out as JAX arrays
+(bnjax, Flax, Haiku) or as writable numpy copies (PyTorch, Keras).
+
+One module per framework: `pytorch`, `flax_linen`, `haiku`, `keras`, with
+their shared helpers in `_common`. The public names are re-exported by
+`bnjax.convert`.
+"""

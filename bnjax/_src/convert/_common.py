@@ -1,0 +1,43 @@
+"""Helpers shared by the converters: array conversion and affine dicts."""
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax._src.types import NormParams
+
+T = TypeVar("T")
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A numpy array of `value`, also from a torch tensor (detached, on the CPU)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def as_jax(value: Any) -> jax.Array | None:
+    """A JAX array of `value` (see `as_numpy`); None stays None."""
+    return None if value is None else jnp.asarray(as_numpy(value))
+
+
+def affine_dict(
+    params: NormParams,
+    scale_key: str,
+    bias_key: str,
+    *,
+    convert: Callable[[jax.Array], T],
+    prefix: str = "",
+) -> dict[str, T]:
+    """`{prefix + scale_key: convert(scale), prefix + bias_key: convert(bias)}`.
+
+    A parameter that is None is left out, so the dict may be empty.
+    """
+    out = {}
+    for key, value in ((scale_key, params.scale), (bias_key, params.bias)):
+        if value is not None:
+            out[prefix + key] = convert(value)
+    return out
