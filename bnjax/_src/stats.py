@@ -134,9 +134,9 @@ def _merged_shifted_sums(
     than extra passes over the input.
     """
     dtype = shift.dtype
-    shift_1, shift_2 = _distinct(shift, shift)
-    d_1 = _masked(x.astype(dtype) - shift_1, mask)
-    d_2 = _masked(jnp.square(x.astype(dtype) - shift_2), mask)
+    x_1, x_2, shift_1, shift_2 = _distinct(x, x, shift, shift)
+    d_1 = _masked(x_1.astype(dtype) - shift_1, mask)
+    d_2 = _masked(jnp.square(x_2.astype(dtype) - shift_2), mask)
     return jnp.sum(d_1, axes, keepdims=True), jnp.sum(d_2, axes, keepdims=True)
 
 
@@ -145,8 +145,8 @@ def _merged_shifted_sums_jvp(axes, primals, tangents):
     x, shift, mask = primals
     x_dot, shift_dot, _ = tangents
     sums = _merged_shifted_sums(x, shift, mask, axes)
-    (fresh_shift,) = _distinct(shift)
-    d = x.astype(shift.dtype) - fresh_shift
+    fresh_x, fresh_shift = _distinct(x, shift)
+    d = fresh_x.astype(shift.dtype) - fresh_shift
     d_dot = _masked(x_dot.astype(shift.dtype) - shift_dot, mask)
     sum_dot = jnp.sum(d_dot, axes, keepdims=True)
     return sums, (sum_dot, 2 * jnp.sum(d * d_dot, axes, keepdims=True))
@@ -185,16 +185,16 @@ def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
     return v if mask is None else jnp.where(mask, v, 0)
 
 
-def _distinct(*small: jax.Array) -> tuple[jax.Array, ...]:
-    """The same small arrays, as values XLA will not merge with other uses.
+def _distinct(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The same arrays, as values XLA will not merge with other uses.
 
     XLA's common-subexpression elimination turns two identical full-size
-    expressions, such as `x - shift` feeding two reductions, into one whose
-    result is materialized for both. An optimization barrier on the small
-    operand costs nothing and keeps each use a separate expression that
-    fuses into its own consumer.
+    expressions, such as `x - shift` (or a bfloat16 `x` converted to
+    float32) feeding two reductions, into one whose result is materialized
+    for both. An optimization barrier costs nothing (it copies no data) and
+    keeps each use a separate expression that fuses into its own consumer.
     """
-    return lax.optimization_barrier(small)
+    return lax.optimization_barrier(arrays)
 
 
 def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None = None) -> jax.Array:
@@ -208,11 +208,9 @@ def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None =
     Returns:
       The mean square; 0 where no entry contributes.
     """
-    squares = jnp.square(x.astype(stats_dtype(x.dtype)))
-    if mask is not None:
-        squares = jnp.where(mask, squares, 0)
-    _, safe_count = _count(x, axes, mask)
-    return jnp.sum(squares, axis=axes, keepdims=True) / safe_count
+    shape = [1 if a in axes else n for a, n in enumerate(x.shape)]
+    _, sum_squares = _shifted_sums(x, jnp.zeros(shape, stats_dtype(x.dtype)), mask, axes)
+    return sum_squares / _count(x, axes, mask)[1]
 
 
 def _count(
@@ -377,5 +375,6 @@ def normalize(
     offset = -(mean - fixed_mean) * factor
     if bias is not None:
         offset = offset + bias.astype(dtype)
+    (x,) = _distinct(x)  # its conversion is not shared with the gradient's `dx` pass
     y = (x.astype(dtype) - fixed_mean) * factor + offset
     return y.astype(x.dtype)
