@@ -42,6 +42,12 @@ class Moments(NamedTuple):
     count: int | jax.Array
 
 
+# How many entries a statistic covers, at least, for `moments` to take the
+# one-pass form and for `normalize` to route the mean's gradient through a
+# per-feature term. Fewer (e.g. a LayerNorm row of 64 channels) stay in cache.
+_MANY_ENTRIES = 1024
+
+
 def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """The dtype statistics are accumulated in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -65,6 +71,11 @@ def moments(
     not occur. Both results are exact functions of `x` for any
     `s`, so gradients of every order are those of the textbook formulas.
 
+    When each statistic covers few entries (a LayerNorm row), its data stays
+    in cache between passes, and a two-pass form (the mean, corrected by the
+    mean of the deviations from it, then `E[(x - mean)^2]`) is exact and
+    faster: XLA fuses it with what follows.
+
     Args:
       x: floating input of any rank.
       axes: the reduced axes, sorted and non-negative.
@@ -86,12 +97,22 @@ def moments(
         per_position = moments(x, leading, mask=mask)
         return _pool(per_position, trailing, axis_name)
     dtype = stats_dtype(x.dtype)
-    shift = lax.stop_gradient(_shift(x, axes, mask)).astype(dtype)
     count, safe_count = _count(x, axes, mask)
-    sum_d, sum_d2 = _shifted_sums(x, shift, mask, axes)
-    mean_d = sum_d / safe_count
-    var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0)
-    mean = shift + mean_d
+    if math.prod(x.shape[a] for a in axes) < _MANY_ENTRIES:
+        # A second pass corrects the mean: for mean 1e4, std 1 in float32 the
+        # plain sum is off by ~1e-3, the sum of deviations from it is exact.
+        rough = jnp.sum(_masked(x.astype(dtype), mask), axes, keepdims=True) / safe_count
+        rough = lax.stop_gradient(rough)
+        correction = jnp.sum(_masked(x.astype(dtype) - rough, mask), axes, keepdims=True)
+        mean = rough + correction / safe_count
+        deviations = _masked(jnp.square(x.astype(dtype) - mean), mask)
+        var = jnp.sum(deviations, axes, keepdims=True) / safe_count
+    else:
+        shift = lax.stop_gradient(_shift(x, axes, mask)).astype(dtype)
+        sum_d, sum_d2 = _shifted_sums(x, shift, mask, axes)
+        mean_d = sum_d / safe_count
+        var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0)
+        mean = shift + mean_d
     if mask is not None:
         mean = jnp.where(count > 0, mean, 0)
     if axis_name is not None:
@@ -208,8 +229,12 @@ def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None =
     Returns:
       The mean square; 0 where no entry contributes.
     """
-    shape = [1 if a in axes else n for a, n in enumerate(x.shape)]
-    _, sum_squares = _shifted_sums(x, jnp.zeros(shape, stats_dtype(x.dtype)), mask, axes)
+    dtype = stats_dtype(x.dtype)
+    if math.prod(x.shape[a] for a in axes) < _MANY_ENTRIES:
+        sum_squares = jnp.sum(_masked(jnp.square(x.astype(dtype)), mask), axes, keepdims=True)
+    else:
+        shape = [1 if a in axes else n for a, n in enumerate(x.shape)]
+        _, sum_squares = _shifted_sums(x, jnp.zeros(shape, dtype), mask, axes)
     return sum_squares / _count(x, axes, mask)[1]
 
 
@@ -336,11 +361,6 @@ def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> 
     return jnp.reshape(p, shape)
 
 
-# How many entries a statistic covers, at least, for `normalize` to route the
-# mean's gradient through a per-feature term.
-_MANY_ENTRIES = 1024
-
-
 def normalize(
     x: jax.Array,
     mean: jax.Array,
@@ -358,14 +378,15 @@ def normalize(
     """
     dtype = stats_dtype(x.dtype)
     mean = mean.astype(dtype)
-    factor = lax.rsqrt(var.astype(dtype) + epsilon)
-    if scale is not None:
-        factor = factor * scale.astype(dtype)
     if mean.size * _MANY_ENTRIES > x.size:
         # Each statistic covers few entries (a row, for LayerNorm): XLA fuses
         # the reductions and this pass into one, which the form below breaks.
-        y = (x.astype(dtype) - mean) * factor
+        y = (x.astype(dtype) - mean) * lax.rsqrt(var.astype(dtype) + epsilon)
+        y = y if scale is None else y * scale.astype(dtype)
         return (y if bias is None else y + bias.astype(dtype)).astype(x.dtype)
+    factor = lax.rsqrt(var.astype(dtype) + epsilon)
+    if scale is not None:
+        factor = factor * scale.astype(dtype)
     # `(x - mean) * factor + bias`, written so that the gradient reaches
     # `mean` through a per-feature term: its cotangent is then `-factor`
     # times the bias's (a sum autodiff takes anyway), not a third reduction
