@@ -397,5 +397,13 @@ def normalize(
     if bias is not None:
         offset = offset + bias.astype(dtype)
     (x,) = _distinct(x)  # its conversion is not shared with the gradient's `dx` pass
-    y = (x.astype(dtype) - fixed_mean) * factor + offset
-    return y.astype(x.dtype)
+    # On a view with merged axes (e.g. GroupNorm's (N, H, W, G, C // G) as
+    # (N, H*W, C)), the sums autodiff takes for the coefficients are the
+    # fast, contiguous kind.
+    shape = jnp.broadcast_shapes(fixed_mean.shape, factor.shape, offset.shape)
+    runs = _runs([n == 1 for n in shape])
+    fixed_mean, factor, offset = (
+        _merge_runs(jnp.broadcast_to(c, shape), shape, runs) for c in (fixed_mean, factor, offset)
+    )
+    y = (_merge_runs(x.astype(dtype), x.shape, runs) - fixed_mean) * factor + offset
+    return y.reshape(x.shape).astype(x.dtype)
