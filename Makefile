@@ -3,15 +3,21 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Options for the script a target runs, e.g. `make demo ARGS=--full`.
+ARGS ?=
 SOURCES := pyproject.toml $(shell find bnjax -name '*.py' -o -name py.typed)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 demo: $(VENV)/.deps-examples $(VENV)/.bnjax
-	$(BIN)/python examples/digits.py
+	$(BIN)/python examples/study.py $(ARGS)
 
 test: $(VENV)/.deps-test $(VENV)/.bnjax lint
 	$(BIN)/pytest
+
+# Side-by-side timings (benchmarks/README.md); e.g. `make bench ARGS=--quick`.
+bench: $(VENV)/.deps-benchmarks $(VENV)/.bnjax
+	$(BIN)/python benchmarks/bench_norms.py $(ARGS)
 
 lint: $(VENV)/.deps-test
 	$(BIN)/ruff check .

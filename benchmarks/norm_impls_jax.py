@@ -1,0 +1,242 @@
+"""JAX implementations: bnjax, the textbook version, the affine floor; the shared wrapper.
+
+Every JAX library provides, per normalizer, a `ForwardBuilder`: a function of
+the case's `Inputs` and `Op` that returns a `Forward`, the library's own call
+with its inputs in the library's layout and dtypes. `jax_bench` turns it into
+the timed, jit-compiled function of the op's mode, the same way for every
+library: the forward itself, or `jax.vjp` of its output for fwd+bwd.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from norm_cases import (
+    EPSILON,
+    MOMENTUM,
+    NUM_GROUPS,
+    RMS_EPSILON,
+    Bench,
+    Inputs,
+    NotApplicable,
+    Op,
+    from_channels_first,
+    to_channels_first,
+)
+
+R_MAX, D_MAX = 3.0, 5.0  # Batch Renorm's clipping bounds, bnjax's defaults
+
+
+class Forward(NamedTuple):
+    """A library's forward call and its inputs, as the library takes them."""
+
+    fn: Callable[..., tuple]  # fn(x, params, state) -> (y, *new running statistics)
+    x: jax.Array
+    params: tuple  # differentiated, in the order (scale, bias)
+    state: Any = None  # not differentiated: running statistics, in the library's form
+    channels_first: bool = False  # x and y are NCHW (N, C, H, W) instead of NHWC
+
+
+ForwardBuilder = Callable[[Inputs, Op], Forward]
+
+
+def jax_bench(forwards: dict[str, ForwardBuilder], inputs: Inputs, op: Op) -> Bench:
+    """The jit-compiled call of `op` with one library's forward for `op.norm`."""
+    if op.norm not in forwards:
+        raise NotApplicable(f"no {op.norm}")
+    forward = forwards[op.norm](inputs, op)
+    args = (forward.x, forward.params, forward.state)
+    fn = forward.fn
+    if op.mode == "fwd+bwd":
+        g = device_array(inputs.g, inputs.dtype, forward.channels_first)
+        args, fn = (*args, g), _forward_and_backward(fn)
+    jitted = jax.jit(fn)
+    return Bench(
+        run=lambda: jitted(*args),
+        outputs=partial(canonical_outputs, channels_first=forward.channels_first),
+    )
+
+
+def _forward_and_backward(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Gradients of `sum(y * g)` w.r.t. x and params, for `fn`'s output y."""
+
+    def forward_and_backward(x, params, state, g):
+        _, vjp = jax.vjp(lambda x, params: fn(x, params, state)[0], x, params)
+        return vjp(g)
+
+    return forward_and_backward
+
+
+def canonical_outputs(outputs: Any, channels_first: bool) -> list[np.ndarray]:
+    """float32 numpy arrays: the first (y or dx) NHWC, the others (per channel) flat."""
+    first, *rest = [np.asarray(a, np.float32) for a in jax.tree.leaves(outputs)]
+    first = from_channels_first(first) if channels_first else first
+    return [first, *(a.reshape(-1) for a in rest)]
+
+
+def device_array(values: np.ndarray, dtype: str, channels_first: bool = False) -> jax.Array:
+    """`values` on the device in `dtype`, NCHW-contiguous if `channels_first`."""
+    values = np.ascontiguousarray(to_channels_first(values) if channels_first else values)
+    return jnp.asarray(values, dtype)
+
+
+def per_channel(v: jax.Array, ndim: int) -> jax.Array:
+    """A (C,) vector shaped to broadcast against features-last data of rank `ndim`."""
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _params(inputs: Inputs) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(p) for p in inputs.params)
+
+
+# --- bnjax -----------------------------------------------------------------
+
+
+def bnjax_batchnorm(inputs: Inputs, op: Op, *, renorm: bool = False) -> Forward:
+    """`bnjax.batchnorm_apply` (or `batchrenorm_apply`), params and state float32."""
+    import bnjax
+
+    apply = bnjax.batchrenorm_apply if renorm else bnjax.batchnorm_apply
+    state = bnjax.BatchStats(jnp.asarray(inputs.mean), jnp.asarray(inputs.var), jnp.int32(0))
+
+    def fn(x, params, state):
+        y, new = apply(
+            bnjax.NormParams(*params), state, x, op.train, momentum=MOMENTUM, epsilon=EPSILON
+        )
+        return (y, new.mean, new.var) if op.train else (y,)
+
+    return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs), state)
+
+
+def _bnjax_stateless(apply: Callable, inputs: Inputs, op: Op) -> Forward:
+    """A stateless bnjax normalizer: `apply(NormParams, x)`."""
+    import bnjax
+
+    def fn(x, params, state):
+        scale, *bias = params
+        return (apply(bnjax.NormParams(scale, bias[0] if bias else None), x),)
+
+    return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs))
+
+
+def _bnjax_forwards() -> dict[str, ForwardBuilder]:
+    import bnjax
+
+    def layernorm(params, x):
+        return bnjax.layernorm_apply(params, x, axis=-1, epsilon=EPSILON)
+
+    def groupnorm(params, x):
+        return bnjax.groupnorm_apply(params, x, num_groups=NUM_GROUPS, epsilon=EPSILON)
+
+    def rmsnorm(params, x):
+        return bnjax.rmsnorm_apply(params, x, axis=-1, epsilon=RMS_EPSILON)
+
+    return {
+        "batchnorm": bnjax_batchnorm,
+        "batchrenorm": partial(bnjax_batchnorm, renorm=True),
+        "layernorm": partial(_bnjax_stateless, layernorm),
+        "groupnorm": partial(_bnjax_stateless, groupnorm),
+        "rmsnorm": partial(_bnjax_stateless, rmsnorm),
+    }
+
+
+# --- naive: the textbook formulas with jnp.mean and jnp.var, in float32 ----
+
+
+def _naive(fn: Callable[..., tuple], inputs: Inputs, op: Op) -> Forward:
+    """A textbook forward on float32 copies of x, its output cast back to x's dtype."""
+
+    def upcast(x, params, state):
+        y, *stats = fn(x.astype(jnp.float32), params, state, op.train)
+        return (y.astype(x.dtype), *stats)
+
+    state = (jnp.asarray(inputs.mean), jnp.asarray(inputs.var))
+    return Forward(upcast, device_array(inputs.x, inputs.dtype), _params(inputs), state)
+
+
+def _naive_batchnorm(x, params, state, train):
+    axes = tuple(range(x.ndim - 1))
+    mean, var = (jnp.mean(x, axes), jnp.var(x, axes)) if train else state
+    scale, bias = (per_channel(p, x.ndim) for p in params)
+    y = (x - per_channel(mean, x.ndim)) / jnp.sqrt(per_channel(var, x.ndim) + EPSILON)
+    y = y * scale + bias
+    if not train:
+        return (y,)
+    return (
+        y,
+        MOMENTUM * state[0] + (1 - MOMENTUM) * mean,
+        MOMENTUM * state[1] + (1 - MOMENTUM) * var,
+    )
+
+
+def _naive_batchrenorm(x, params, state, train):
+    axes = tuple(range(x.ndim - 1))
+    mean, var = jnp.mean(x, axes), jnp.var(x, axes)
+    sigma_batch, sigma = jnp.sqrt(var + EPSILON), jnp.sqrt(state[1] + EPSILON)
+    r = jax.lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / R_MAX, R_MAX))
+    d = jax.lax.stop_gradient(jnp.clip((mean - state[0]) / sigma, -D_MAX, D_MAX))
+    scale, bias = (per_channel(p, x.ndim) for p in params)
+    y = (x - per_channel(mean, x.ndim)) / per_channel(sigma_batch, x.ndim)
+    y = (y * per_channel(r, x.ndim) + per_channel(d, x.ndim)) * scale + bias
+    return (
+        y,
+        MOMENTUM * state[0] + (1 - MOMENTUM) * mean,
+        MOMENTUM * state[1] + (1 - MOMENTUM) * var,
+    )
+
+
+def _naive_layernorm(x, params, state, train):
+    mean, var = jnp.mean(x, -1, keepdims=True), jnp.var(x, -1, keepdims=True)
+    scale, bias = (per_channel(p, x.ndim) for p in params)
+    return ((x - mean) / jnp.sqrt(var + EPSILON) * scale + bias,)
+
+
+def _naive_groupnorm(x, params, state, train):
+    grouped = x.reshape(*x.shape[:-1], NUM_GROUPS, -1)
+    axes = (*range(1, x.ndim - 1), x.ndim)  # all but the batch and the group axes
+    mean, var = jnp.mean(grouped, axes, keepdims=True), jnp.var(grouped, axes, keepdims=True)
+    y = ((grouped - mean) / jnp.sqrt(var + EPSILON)).reshape(x.shape)
+    scale, bias = (per_channel(p, x.ndim) for p in params)
+    return (y * scale + bias,)
+
+
+def _naive_rmsnorm(x, params, state, train):
+    mean_square = jnp.mean(x * x, -1, keepdims=True)
+    return (x / jnp.sqrt(mean_square + RMS_EPSILON) * per_channel(params[0], x.ndim),)
+
+
+NAIVE: dict[str, ForwardBuilder] = {
+    "batchnorm": partial(_naive, _naive_batchnorm),
+    "batchrenorm": partial(_naive, _naive_batchrenorm),
+    "layernorm": partial(_naive, _naive_layernorm),
+    "groupnorm": partial(_naive, _naive_groupnorm),
+    "rmsnorm": partial(_naive, _naive_rmsnorm),
+}
+
+
+# --- the floor: a per-channel affine op, which reads x once and writes y once ---
+
+
+def floor(inputs: Inputs, op: Op) -> Forward:
+    """`x * a + b` (`x * a` for RMSNorm, which has no bias), cast to x's dtype."""
+
+    def fn(x, params, state):
+        y = x * per_channel(params[0], x.ndim)
+        if len(params) > 1:
+            y = y + per_channel(params[1], x.ndim)
+        return (y.astype(x.dtype),)
+
+    return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs))
+
+
+FLOOR: dict[str, ForwardBuilder] = {
+    norm: floor for norm in ("batchnorm", "batchrenorm", "layernorm", "groupnorm", "rmsnorm")
+}
+
+
+def bnjax_bench(inputs: Inputs, op: Op) -> Bench:
+    """bnjax's call of `op`."""
+    return jax_bench(_bnjax_forwards(), inputs, op)
