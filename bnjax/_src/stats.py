@@ -402,8 +402,12 @@ def normalize(
     # fast, contiguous kind.
     shape = jnp.broadcast_shapes(fixed_mean.shape, factor.shape, offset.shape)
     runs = _runs([n == 1 for n in shape])
-    fixed_mean, factor, offset = (
-        _merge_runs(jnp.broadcast_to(c, shape), shape, runs) for c in (fixed_mean, factor, offset)
+    # The barrier makes XLA compute the small coefficients once, not per entry.
+    fixed_mean, factor, offset = _distinct(
+        *(
+            _merge_runs(jnp.broadcast_to(c, shape), shape, runs)
+            for c in (fixed_mean, factor, offset)
+        )
     )
     y = (_merge_runs(x.astype(dtype), x.shape, runs) - fixed_mean) * factor + offset
     return y.reshape(x.shape).astype(x.dtype)
