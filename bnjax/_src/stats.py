@@ -42,10 +42,19 @@ class Moments(NamedTuple):
     count: int | jax.Array
 
 
-# How many entries a statistic covers, at least, for `moments` to take the
-# one-pass form and for `normalize` to route the mean's gradient through a
-# per-feature term. Fewer (e.g. a LayerNorm row of 64 channels) stay in cache.
-_MANY_ENTRIES = 1024
+def _in_cache(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+    """Whether each statistic's entries stay in cache between two passes.
+
+    True for fewer than 1024 entries, and for contiguous rows (the reduced
+    axes are the trailing ones, as in LayerNorm) of up to 16384 entries
+    (64 KiB in float32). `moments` then takes two passes and `normalize` the
+    plain form, which XLA fuses into one loop; otherwise (BatchNorm, whose
+    statistics span the whole input) one pass, and a per-feature route for
+    the mean's gradient.
+    """
+    entries = math.prod(shape[a] for a in axes)
+    trailing = all(a > k for a in axes for k in range(len(shape)) if k not in axes)
+    return entries < 1024 or (trailing and entries <= 16384)
 
 
 def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -98,7 +107,7 @@ def moments(
         return _pool(per_position, trailing, axis_name)
     dtype = stats_dtype(x.dtype)
     count, safe_count = _count(x, axes, mask)
-    if math.prod(x.shape[a] for a in axes) < _MANY_ENTRIES:
+    if _in_cache(x.shape, axes):
         # A second pass corrects the mean: for mean 1e4, std 1 in float32 the
         # plain sum is off by ~1e-3, the sum of deviations from it is exact.
         rough = jnp.sum(_masked(x.astype(dtype), mask), axes, keepdims=True) / safe_count
@@ -230,7 +239,7 @@ def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None =
       The mean square; 0 where no entry contributes.
     """
     dtype = stats_dtype(x.dtype)
-    if math.prod(x.shape[a] for a in axes) < _MANY_ENTRIES:
+    if _in_cache(x.shape, axes):
         sum_squares = jnp.sum(_masked(jnp.square(x.astype(dtype)), mask), axes, keepdims=True)
     else:
         shape = [1 if a in axes else n for a, n in enumerate(x.shape)]
@@ -378,9 +387,10 @@ def normalize(
     """
     dtype = stats_dtype(x.dtype)
     mean = mean.astype(dtype)
-    if mean.size * _MANY_ENTRIES > x.size:
-        # Each statistic covers few entries (a row, for LayerNorm): XLA fuses
-        # the reductions and this pass into one, which the form below breaks.
+    reduced = tuple(a for a in range(x.ndim) if mean.shape[a] == 1 < x.shape[a])
+    if _in_cache(x.shape, reduced):
+        # XLA fuses the statistics' reductions and this pass into one loop,
+        # which the form below would break.
         y = (x.astype(dtype) - mean) * lax.rsqrt(var.astype(dtype) + epsilon)
         y = y if scale is None else y * scale.astype(dtype)
         return (y if bias is None else y + bias.astype(dtype)).astype(x.dtype)
