@@ -158,12 +158,22 @@ def test_folding_batchnorm_before_dense_equals_batchnorm_then_dense(with_bias):
     np.testing.assert_allclose(_dense(x, folded_kernel, folded_bias), expected, **FOLD_TOL)
 
 
-def test_folded_conv_weights_match_pytorch_fusion():
-    torch = pytest.importorskip("torch")
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
+# PyTorch's fusion helpers take output channels first: OIHW for a conv, (out, in)
+# for a linear layer. Each case: layer, helper name, bnjax -> torch layout.
+TORCH_FUSIONS = {
+    "conv2d": ("fuse_conv_bn_weights", (3, 2, 0, 1)),  # HWIO -> OIHW
+    "dense": ("fuse_linear_bn_weights", (1, 0)),  # (in, out) -> (out, in)
+}
 
+
+@pytest.mark.parametrize("layer", list(TORCH_FUSIONS))
+def test_folded_weights_match_pytorch_fusion(layer):
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils import fusion
+
+    helper, to_torch = TORCH_FUSIONS[layer]
     rng = np.random.default_rng(4)
-    _, kernel, bias = _layer_inputs(rng, "conv2d", True)
+    _, kernel, bias = _layer_inputs(rng, layer, True)
     params, state = _batchnorm(rng, kernel.shape[-1])
 
     folded_kernel, folded_bias = bnjax.fold_batchnorm_after(
@@ -173,8 +183,8 @@ def test_folded_conv_weights_match_pytorch_fusion():
     def t(a):
         return torch.from_numpy(np.array(a))
 
-    torch_kernel, torch_bias = fuse_conv_bn_weights(
-        t(np.transpose(kernel, (3, 2, 0, 1))),  # HWIO -> OIHW
+    torch_kernel, torch_bias = getattr(fusion, helper)(
+        t(np.transpose(kernel, to_torch)),
         t(bias),
         t(state.mean),
         t(state.var),
@@ -182,36 +192,8 @@ def test_folded_conv_weights_match_pytorch_fusion():
         t(params.scale),
         t(params.bias),
     )
-    expected_kernel = np.transpose(torch_kernel.detach().numpy(), (2, 3, 1, 0))
+    expected_kernel = np.transpose(torch_kernel.detach().numpy(), np.argsort(to_torch))
     np.testing.assert_allclose(folded_kernel, expected_kernel, **TORCH_TOL)
-    np.testing.assert_allclose(folded_bias, torch_bias.detach().numpy(), **TORCH_TOL)
-
-
-def test_folded_dense_weights_match_pytorch_fusion():
-    torch = pytest.importorskip("torch")
-    from torch.nn.utils.fusion import fuse_linear_bn_weights
-
-    rng = np.random.default_rng(5)
-    _, kernel, bias = _layer_inputs(rng, "dense", True)
-    params, state = _batchnorm(rng, kernel.shape[-1])
-
-    folded_kernel, folded_bias = bnjax.fold_batchnorm_after(
-        kernel, bias, params, state, epsilon=EPSILON
-    )
-
-    def t(a):
-        return torch.from_numpy(np.array(a))
-
-    torch_kernel, torch_bias = fuse_linear_bn_weights(
-        t(np.asarray(kernel).T),  # (in, out) -> torch's (out, in)
-        t(bias),
-        t(state.mean),
-        t(state.var),
-        EPSILON,
-        t(params.scale),
-        t(params.bias),
-    )
-    np.testing.assert_allclose(folded_kernel, torch_kernel.detach().numpy().T, **TORCH_TOL)
     np.testing.assert_allclose(folded_bias, torch_bias.detach().numpy(), **TORCH_TOL)
 
 
