@@ -260,7 +260,7 @@ def batch_statistics(
         running_mean, running_var, count = _average_groups(running, axis_name)
         whole_var = None
         if collect.is_collecting():
-            whole_var = _whole_batch_var(moments, running_mean, axis_name)
+            whole_var = stats.pool(moments, (0,), axis_name).var
     return Batch(
         x=x,
         feature_axis=feature_axis,
@@ -275,27 +275,7 @@ def batch_statistics(
 
 def _unbiased(moments: stats.Moments) -> jax.Array:
     """`var * n / (n - 1)`, with a single entry (`n = 1`, variance 0) left at 0."""
-    if isinstance(moments.count, int):
-        return moments.var * (moments.count / max(moments.count - 1, 1))
     return moments.var * (moments.count / jnp.maximum(moments.count - 1, 1))
-
-
-def _whole_batch_var(
-    moments: stats.Moments, mean: jax.Array, axis_name: stats.AxisName | None
-) -> jax.Array:
-    """The biased variance of all ghost groups together, from their moments.
-
-    Each group adds its own variance plus the squared distance of its mean
-    from the whole batch's `mean`, weighted by its count (the parallel
-    variance formula); with `axis_name`, summed over all devices.
-    """
-    dtype = moments.mean.dtype
-    counts = jnp.broadcast_to(jnp.asarray(moments.count, dtype), moments.mean.shape)
-    spread = moments.var + jnp.square(moments.mean - mean[None])
-    sums = jnp.stack([counts, counts * spread]).sum(axis=1)
-    if axis_name is not None:
-        sums = lax.psum(sums, axis_name)
-    return sums[1] / jnp.maximum(sums[0], 1)
 
 
 def _average_groups(

@@ -104,7 +104,7 @@ def moments(
         # first (per channel) and pooling the channels of a group after is
         # a fast, contiguous reduction; the minor group axis is not.
         per_position = moments(x, leading, mask=mask)
-        return _pool(per_position, trailing, axis_name)
+        return pool(per_position, trailing, axis_name)
     dtype = stats_dtype(x.dtype)
     count, safe_count = _count(x, axes, mask)
     if _in_cache(x.shape, axes):
@@ -333,8 +333,14 @@ def _pool_across(local: Moments, axis_name: AxisName) -> Moments:
     return pooled
 
 
-def _pool(local: Moments, axes: tuple[int, ...], axis_name: AxisName | None) -> Moments:
-    """Pools moments over their own `axes` exactly (and then across `axis_name`)."""
+def pool(local: Moments, axes: tuple[int, ...], axis_name: AxisName | None) -> Moments:
+    """The moments of the union of the parts of `local` along its `axes`.
+
+    Exact (the parallel-variance formula, weighted by count), then pooled
+    across `axis_name` when given. E.g. GroupNorm pools per-channel moments
+    over the channels of a group; ghost BatchNorm pools its groups into the
+    whole batch's moments.
+    """
     count = jnp.broadcast_to(jnp.asarray(local.count, local.mean.dtype), local.mean.shape)
     pooled = _combine(count, local.mean, local.var, axes)
     if isinstance(local.count, int):
