@@ -6,21 +6,21 @@ PyTorch-compatible mode step for step. Round trips must be bit-exact.
 """
 
 import functools
-import os
 
+import flax.linen as nn
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
 from bnjax import convert
 from tests.tolerances import TOL
-
-torch = pytest.importorskip("torch")
 
 # Continued training: outputs, parameters and running statistics after a
 # few float32 SGD steps in PyTorch and in bnjax. Each step's values carry
@@ -298,7 +298,6 @@ def _eval_input(seed, shape=(5, 3, 4)):
 
 
 def test_flax_batchnorm_fed_converted_variables_gives_bnjax_eval_outputs():
-    nn = pytest.importorskip("flax.linen")
     params, state = _bnjax_layer(11)
     x = _eval_input(12)
 
@@ -312,7 +311,6 @@ def test_flax_batchnorm_fed_converted_variables_gives_bnjax_eval_outputs():
 
 @pytest.mark.parametrize("use_scale", [True, False], ids=["scale", "no-scale"])
 def test_flax_round_trips_are_identical(use_scale):
-    nn = pytest.importorskip("flax.linen")
     variables = nn.BatchNorm(use_running_average=False, use_scale=use_scale).init(
         jax.random.key(0), _eval_input(13)
     )
@@ -327,7 +325,6 @@ def test_flax_round_trips_are_identical(use_scale):
 
 
 def _haiku_batchnorm(decay_rate=0.9):
-    hk = pytest.importorskip("haiku")
 
     def forward(x, is_training):
         return hk.BatchNorm(True, True, decay_rate, eps=1e-5)(x, is_training)
@@ -388,10 +385,10 @@ def test_keras_round_trips_are_identical():
 
 
 def test_keras_batchnorm_with_converted_weights_gives_bnjax_eval_outputs(monkeypatch):
-    monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "jax"))
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("Keras runs with another backend in this process")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    import keras  # imported here: it reads KERAS_BACKEND once, at import
+
+    assert keras.backend.backend() == "jax", "keras was imported before with another backend"
     params, state = _bnjax_layer(20)
     x = _eval_input(21)
 

@@ -79,7 +79,6 @@ def test_study_writes_and_prints_the_markdown_table(study_out):
 
 
 def test_study_draws_both_plots(study_out):
-    pytest.importorskip("matplotlib")
     out, _ = study_out
     for name in ("error_vs_batch_size.png", "loss_vs_step.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE), name

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax import lax
+from torch.nn.utils import fusion
 
 import bnjax
 from tests import references
@@ -168,8 +170,6 @@ TORCH_FUSIONS = {
 
 @pytest.mark.parametrize("layer", list(TORCH_FUSIONS))
 def test_folded_weights_match_pytorch_fusion(layer):
-    torch = pytest.importorskip("torch")
-    from torch.nn.utils import fusion
 
     helper, to_torch = TORCH_FUSIONS[layer]
     rng = np.random.default_rng(4)
