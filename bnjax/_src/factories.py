@@ -7,7 +7,7 @@ checked once, when the factory is called.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,9 @@ def batchnorm(
       >>> params, state = norm.init((8, 4))
       >>> y, state = norm.apply(params, state, jnp.ones((8, 4)), True)
     """
-    checks.check_momentum(momentum)
-    checks.check_epsilon(epsilon)
-    hyper = dict(
+    return _batch_normalizer(
+        batchnorm_apply,
+        _ParamSpec(use_scale, use_bias, param_dtype),
         axis=axis,
         momentum=momentum,
         epsilon=epsilon,
@@ -52,7 +52,6 @@ def batchnorm(
         unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite,
     )
-    return _batch_normalizer(batchnorm_apply, hyper, axis, use_scale, use_bias, param_dtype)
 
 
 def batchrenorm(
@@ -71,21 +70,20 @@ def batchrenorm(
     param_dtype: Any = jnp.float32,
 ) -> Normalizer:
     """Batch Renormalization as a `Normalizer`; see `batchrenorm_apply`."""
-    checks.check_momentum(momentum)
-    checks.check_epsilon(epsilon)
     checks.check_renorm_limits(r_max, d_max)
-    hyper = dict(
+    return _batch_normalizer(
+        batchrenorm_apply,
+        _ParamSpec(use_scale, use_bias, param_dtype),
+        r_max=r_max,
+        d_max=d_max,
         axis=axis,
         momentum=momentum,
         epsilon=epsilon,
-        r_max=r_max,
-        d_max=d_max,
         axis_name=axis_name,
         virtual_batch_size=virtual_batch_size,
         unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite,
     )
-    return _batch_normalizer(batchrenorm_apply, hyper, axis, use_scale, use_bias, param_dtype)
 
 
 def layernorm(
@@ -174,19 +172,24 @@ def instancenorm(
     return _stateless(init, instancenorm_apply, dict(axis=axis, epsilon=epsilon))
 
 
+class _ParamSpec(NamedTuple):
+    """How `init` creates the affine parameters (see `batchnorm_init`)."""
+
+    use_scale: bool
+    use_bias: bool
+    param_dtype: Any
+
+
 def _batch_normalizer(
-    apply_fn: Callable[..., tuple[jax.Array, Any]],
-    hyper: dict[str, Any],
-    axis: int,
-    use_scale: bool,
-    use_bias: bool,
-    param_dtype: Any,
+    apply_fn: Callable[..., tuple[jax.Array, Any]], spec: _ParamSpec, **hyper: Any
 ) -> Normalizer:
+    """BatchNorm-like: `batchnorm_init`'s params and state, `apply_fn` bound to `hyper`."""
+    checks.check_momentum(hyper["momentum"])
+    checks.check_epsilon(hyper["epsilon"])
+
     def init(input_shape: Sequence[int]) -> tuple[NormParams, Any]:
-        num_features = input_shape[checks.check_feature_axis(axis, len(input_shape))]
-        return batchnorm_init(
-            num_features, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
-        )
+        axis = checks.check_feature_axis(hyper["axis"], len(input_shape))
+        return batchnorm_init(input_shape[axis], **spec._asdict())
 
     def apply(params, state, x, train, *, mask=None):
         return apply_fn(params, state, x, train, mask=mask, **hyper)
