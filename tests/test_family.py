@@ -439,13 +439,12 @@ GHOST_CASES = [((8, 3), -1, 2), ((8, 3), -1, 4), ((6, 4, 3), -1, 3), ((4, 3, 2, 
 GHOST_IDS = ["NC-v2", "NC-v4", "NTC-v3", "NCHW-v2"]
 
 
-@pytest.mark.parametrize("shape, axis, virtual_batch_size", GHOST_CASES, ids=GHOST_IDS)
-def test_ghost_batchnorm_output_matches_float64_reference(shape, axis, virtual_batch_size):
-    rng = np.random.default_rng(30)
+def _ghost_training_step(seed, shape, axis, virtual_batch_size):
+    """One jitted ghost-BatchNorm training call on random input: `(x, params, y, state)`."""
+    rng = np.random.default_rng(seed)
     x = _random_input(rng, shape)
     params, state = _random_params(rng, shape[axis]), bnjax.batchnorm_init(shape[axis])[1]
-
-    y, _ = _jit(
+    y, state = _jit(
         bnjax.batchnorm_apply,
         params,
         state,
@@ -454,6 +453,12 @@ def test_ghost_batchnorm_output_matches_float64_reference(shape, axis, virtual_b
         axis=axis,
         virtual_batch_size=virtual_batch_size,
     )
+    return x, params, y, state
+
+
+@pytest.mark.parametrize("shape, axis, virtual_batch_size", GHOST_CASES, ids=GHOST_IDS)
+def test_ghost_batchnorm_output_matches_float64_reference(shape, axis, virtual_batch_size):
+    x, params, y, _ = _ghost_training_step(30, shape, axis, virtual_batch_size)
 
     expected, _, _ = references.ghost_batchnorm(
         x,
@@ -469,19 +474,7 @@ def test_ghost_batchnorm_output_matches_float64_reference(shape, axis, virtual_b
 def test_ghost_batchnorm_updates_running_stats_once_with_average_of_groups(
     shape, axis, virtual_batch_size
 ):
-    rng = np.random.default_rng(31)
-    x = _random_input(rng, shape)
-    params, state = _random_params(rng, shape[axis]), bnjax.batchnorm_init(shape[axis])[1]
-
-    _, state = _jit(
-        bnjax.batchnorm_apply,
-        params,
-        state,
-        jnp.asarray(x),
-        True,
-        axis=axis,
-        virtual_batch_size=virtual_batch_size,
-    )
+    x, _, _, state = _ghost_training_step(31, shape, axis, virtual_batch_size)
 
     _, mean, var = references.ghost_batchnorm(
         x, None, None, virtual_batch_size=virtual_batch_size, axis=axis
