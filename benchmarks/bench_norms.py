@@ -48,7 +48,7 @@ from timing import (
     write_results,
 )
 
-REFERENCE, FLOOR = "bnjax", "floor"
+REFERENCE, FLOOR, BASELINE = "bnjax", "floor", "baseline"
 ALTERNATIVES = (
     "naive",
     "flax",
@@ -108,6 +108,9 @@ LINEAR_TOLERANCE = 0.15  # the largest relative residual of a fit still called l
 LIBRARIES = ("jax", "jaxlib", "flax", "dm-haiku", "equinox", "torch", "numpy-ml", "numpy")
 
 
+_BASELINE_MODULE: list = []  # the bnjax copy of `--baseline`, once loaded
+
+
 def implementations() -> dict[str, Callable[[Inputs, Op], Bench]]:
     """Every implementation by name: a function of the case's inputs and op to a `Bench`."""
     from norm_impls_jax import FLOOR as FLOOR_FORWARDS
@@ -115,7 +118,11 @@ def implementations() -> dict[str, Callable[[Inputs, Op], Bench]]:
     from norm_impls_libs import EQUINOX, FLAX, HAIKU
     from norm_impls_other import numpy_ml_bench, torch_bench
 
+    baseline = (
+        {BASELINE: partial(bnjax_bench, bnjax=_BASELINE_MODULE[0])} if _BASELINE_MODULE else {}
+    )
     return {
+        **baseline,
         FLOOR: partial(jax_bench, FLOOR_FORWARDS),
         REFERENCE: bnjax_bench,
         "naive": partial(jax_bench, NAIVE),
@@ -196,7 +203,7 @@ def _row(workload: Workload, op_key: str, results: dict[str, dict]) -> dict:
         if "median_ms" in result and floor_ms:
             result["ratio_to_floor"] = result["median_ms"] / floor_ms
     timed = {n: r["median_ms"] for n, r in results.items() if "median_ms" in r}
-    alternatives = {n: ms for n, ms in timed.items() if n not in (REFERENCE, FLOOR)}
+    alternatives = {n: ms for n, ms in timed.items() if n not in (REFERENCE, FLOOR, BASELINE)}
     best = min(alternatives, key=alternatives.get) if alternatives else None
     return {
         "workload": workload.name,
@@ -417,6 +424,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--ops", help=f"comma-separated ops (of {','.join(OPS)})")
     parser.add_argument(
+        "--baseline",
+        help="a directory holding another bnjax source tree (e.g. a git worktree of an "
+        "older commit), timed beside the installed one as the column `baseline`",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="keep glibc's malloc defaults (no re-execution)",
@@ -440,6 +452,11 @@ def _run_tables(args: argparse.Namespace, mode: str) -> tuple[str, list[dict], d
     default = "bench_norms.json" if mode == "full" else f"bench_norms_{mode}.json"
     out = args.out or os.path.join("results", default)
     names = [FLOOR, REFERENCE, *(args.only.split(",") if args.only else ALTERNATIVES)]
+    if args.baseline:
+        from norm_impls_jax import load_baseline
+
+        _BASELINE_MODULE.append(load_baseline(args.baseline))
+        names.insert(2, BASELINE)
     ops = args.ops.split(",") if args.ops else list(OPS)
     unknown = (set(names) - set(implementations())) | (set(ops) - set(OPS))
     if unknown:

@@ -95,10 +95,8 @@ def _params(inputs: Inputs) -> tuple[jax.Array, ...]:
 # --- bnjax -----------------------------------------------------------------
 
 
-def bnjax_batchnorm(inputs: Inputs, op: Op, *, renorm: bool = False) -> Forward:
+def bnjax_batchnorm(inputs: Inputs, op: Op, *, bnjax: Any, renorm: bool = False) -> Forward:
     """`bnjax.batchnorm_apply` (or `batchrenorm_apply`), params and state float32."""
-    import bnjax
-
     apply = bnjax.batchrenorm_apply if renorm else bnjax.batchnorm_apply
     state = bnjax.BatchStats(jnp.asarray(inputs.mean), jnp.asarray(inputs.var), jnp.int32(0))
 
@@ -111,9 +109,8 @@ def bnjax_batchnorm(inputs: Inputs, op: Op, *, renorm: bool = False) -> Forward:
     return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs), state)
 
 
-def _bnjax_stateless(apply: Callable, inputs: Inputs, op: Op) -> Forward:
+def _bnjax_stateless(apply: Callable, bnjax: Any, inputs: Inputs, op: Op) -> Forward:
     """A stateless bnjax normalizer: `apply(NormParams, x)`."""
-    import bnjax
 
     def fn(x, params, state):
         scale, *bias = params
@@ -122,9 +119,7 @@ def _bnjax_stateless(apply: Callable, inputs: Inputs, op: Op) -> Forward:
     return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs))
 
 
-def _bnjax_forwards() -> dict[str, ForwardBuilder]:
-    import bnjax
-
+def _bnjax_forwards(bnjax: Any) -> dict[str, ForwardBuilder]:
     def layernorm(params, x):
         return bnjax.layernorm_apply(params, x, axis=-1, epsilon=EPSILON)
 
@@ -135,11 +130,11 @@ def _bnjax_forwards() -> dict[str, ForwardBuilder]:
         return bnjax.rmsnorm_apply(params, x, axis=-1, epsilon=RMS_EPSILON)
 
     return {
-        "batchnorm": bnjax_batchnorm,
-        "batchrenorm": partial(bnjax_batchnorm, renorm=True),
-        "layernorm": partial(_bnjax_stateless, layernorm),
-        "groupnorm": partial(_bnjax_stateless, groupnorm),
-        "rmsnorm": partial(_bnjax_stateless, rmsnorm),
+        "batchnorm": partial(bnjax_batchnorm, bnjax=bnjax),
+        "batchrenorm": partial(bnjax_batchnorm, bnjax=bnjax, renorm=True),
+        "layernorm": partial(_bnjax_stateless, layernorm, bnjax),
+        "groupnorm": partial(_bnjax_stateless, groupnorm, bnjax),
+        "rmsnorm": partial(_bnjax_stateless, rmsnorm, bnjax),
     }
 
 
@@ -237,6 +232,36 @@ FLOOR: dict[str, ForwardBuilder] = {
 }
 
 
-def bnjax_bench(inputs: Inputs, op: Op) -> Bench:
-    """bnjax's call of `op`."""
-    return jax_bench(_bnjax_forwards(), inputs, op)
+def bnjax_bench(inputs: Inputs, op: Op, *, bnjax: Any = None) -> Bench:
+    """bnjax's call of `op`: the installed bnjax, or another copy (see `load_baseline`)."""
+    if bnjax is None:
+        import bnjax
+    return jax_bench(_bnjax_forwards(bnjax), inputs, op)
+
+
+def load_baseline(source_dir: str) -> Any:
+    """The bnjax package in `source_dir` (e.g. a `git worktree` of an older commit).
+
+    It is imported beside the installed bnjax, so that both are timed in one
+    run: the modules of each copy refer to their own siblings, and
+    `sys.modules` is restored so that `import bnjax` keeps meaning the
+    installed one.
+    """
+    import importlib
+    import sys
+
+    def bnjax_modules() -> dict[str, Any]:
+        return {k: m for k, m in sys.modules.items() if k == "bnjax" or k.startswith("bnjax.")}
+
+    installed = bnjax_modules()
+    for name in installed:
+        del sys.modules[name]
+    sys.path.insert(0, source_dir)
+    try:
+        baseline = importlib.import_module("bnjax")
+    finally:
+        sys.path.remove(source_dir)
+        for name in bnjax_modules():
+            del sys.modules[name]
+        sys.modules.update(installed)
+    return baseline

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import checks, collect, stats
-from bnjax._src.types import BatchStats, NormParams
+from bnjax._src import checks, precise, stats
+from bnjax._src.types import BatchStats, CollectedStats, NormParams
 
 
 def batchnorm_init(
@@ -53,7 +53,7 @@ def batchnorm_init(
 
 def batchnorm_apply(
     params: NormParams,
-    state: BatchStats,
+    state: BatchStats | CollectedStats,
     x: jax.Array,
     train: bool,
     *,
@@ -65,7 +65,7 @@ def batchnorm_apply(
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
-) -> tuple[jax.Array, BatchStats]:
+) -> tuple[jax.Array, BatchStats | CollectedStats]:
     """Normalizes each feature of `x` with batch or running statistics.
 
     `y = (x - mean) / sqrt(var + epsilon) * scale + bias`, per feature. In
@@ -159,12 +159,18 @@ def batchnorm_apply(
     if not train:
         return normalize_with_running_stats(params, state, x, feature_axis, epsilon), state
     batch = batch_statistics(
-        x, feature_axis, mask, axis_name, virtual_batch_size, unbiased_running_var
+        x,
+        feature_axis,
+        mask,
+        axis_name,
+        virtual_batch_size,
+        unbiased_running_var,
+        collecting=isinstance(state, CollectedStats),
     )
     scale = stats.broadcast_to_axes(params.scale, batch.x.ndim, (batch.feature_axis,))
     bias = stats.broadcast_to_axes(params.bias, batch.x.ndim, (batch.feature_axis,))
     y = stats.normalize(batch.x, batch.mean, batch.var, scale, bias, epsilon)
-    return y.reshape(x.shape), update_running(state, batch, momentum, skip_nonfinite)
+    return y.reshape(x.shape), update_state(state, batch, momentum, skip_nonfinite)
 
 
 class Batch(NamedTuple):
@@ -175,27 +181,27 @@ class Batch(NamedTuple):
       feature_axis: the feature axis of `x` as reshaped.
       mean: the batch (or per-group) mean, broadcastable against `x`.
       var: the biased variance, same shape.
-      running_mean: `(C,)`, what the running mean is updated with.
-      running_var: `(C,)`, what the running variance is updated with.
-      count: how many entries contributed in all, an int or a scalar array.
-      whole_var: `(C,)`, the biased variance of the whole batch (all groups,
-        all devices), which precise statistics collect; None for ghost
-        batches outside collection mode.
+      contribution: what this batch folds into the running statistics:
+        `mean` and `var` of shape `(C,)` (the count-weighted average over
+        ghost groups and devices; `var` unbiased with
+        `unbiased_running_var`), and `count`, an int32 scalar, the number
+        of entries they were taken over.
+      whole: the `Moments` (shape `(C,)`, biased) of the whole batch, all
+        groups and devices pooled, which precise statistics collect; None
+        when not collecting.
     """
 
     x: jax.Array
     feature_axis: int
     mean: jax.Array
     var: jax.Array
-    running_mean: jax.Array
-    running_var: jax.Array
-    count: int | jax.Array
-    whole_var: jax.Array | None
+    contribution: stats.Moments
+    whole: stats.Moments | None
 
 
 def check_inputs(
     params: NormParams,
-    state: BatchStats,
+    state: BatchStats | CollectedStats,
     x: jax.Array,
     train: bool,
     axis: int,
@@ -206,10 +212,21 @@ def check_inputs(
     checks.check_train(train)
     checks.check_floating(x)
     feature_axis = checks.check_feature_axis(axis, x.ndim)
-    _check_params_and_state(params, state, x.shape[feature_axis], feature_axis)
+    if isinstance(state, CollectedStats) and not train:
+        raise ValueError(
+            "`train` must be True when `state` holds `CollectedStats` (the layer is "
+            "inside `precise_batch_stats`, which collects training-mode batch "
+            "statistics), got False."
+        )
+    _check_params_and_state(params, running_stats(state), x.shape[feature_axis], feature_axis)
     checks.check_momentum(momentum)
     checks.check_epsilon(epsilon)
     return feature_axis
+
+
+def running_stats(state: BatchStats | CollectedStats) -> BatchStats:
+    """The layer's running statistics, also when precise statistics are being collected."""
+    return state.running if isinstance(state, CollectedStats) else state
 
 
 def normalize_with_running_stats(
@@ -230,9 +247,13 @@ def batch_statistics(
     mask: jax.Array | None,
     axis_name: stats.AxisName | None,
     virtual_batch_size: int | None,
-    unbiased_running_var: bool = False,
+    unbiased_running_var: bool,
+    collecting: bool,
 ) -> Batch:
-    """Statistics over every axis but the feature axis (per ghost group)."""
+    """Statistics over every axis but the feature axis (per ghost group).
+
+    `collecting` also computes the whole batch's moments (see `Batch.whole`).
+    """
     if mask is not None:
         mask = checks.broadcast_mask(mask, x.shape, feature_axis)
     if virtual_batch_size is not None:
@@ -240,63 +261,40 @@ def batch_statistics(
         x, mask = _split_batch(x, mask, virtual_batch_size)
         feature_axis += 1
     num_features = x.shape[feature_axis]
+
+    def per_feature(m: stats.Moments) -> stats.Moments:
+        return stats.Moments(
+            m.mean.reshape(num_features), m.var.reshape(num_features), m.count.reshape(())
+        )
+
     if virtual_batch_size is None:
         reduced = tuple(a for a in range(x.ndim) if a != feature_axis)
-        per_feature = math.prod(x.shape[a] for a in reduced)
         checks.check_values_per_feature(
-            per_feature * checks.mapped_axis_size(axis_name), x.shape, axis_name
+            math.prod(x.shape[a] for a in reduced) * checks.mapped_axis_size(axis_name),
+            x.shape,
+            axis_name,
         )
         moments = stats.moments(x, reduced, mask=mask, axis_name=axis_name)
-        running_mean, count, whole_var = moments.mean, moments.count, moments.var
-        running_var = _unbiased(moments) if unbiased_running_var else moments.var
+        whole = per_feature(moments)
+        contribution = whole._replace(var=_unbiased(whole)) if unbiased_running_var else whole
     else:
         # Each group, on each device, is normalized with its own statistics.
         reduced = tuple(a for a in range(1, x.ndim) if a != feature_axis)
         checks.check_values_per_feature(
             math.prod(x.shape[a] for a in reduced), x.shape, axis_name=None
         )
+        checks.mapped_axis_size(axis_name)
         moments = stats.moments(x, reduced, mask=mask)
-        running = moments._replace(var=_unbiased(moments)) if unbiased_running_var else moments
-        running_mean, running_var, count = _average_groups(running, axis_name)
-        whole_var = None
-        if collect.is_collecting():
-            whole_var = stats.pool(moments, (0,), axis_name).var
-    return Batch(
-        x=x,
-        feature_axis=feature_axis,
-        mean=moments.mean,
-        var=moments.var,
-        running_mean=running_mean.reshape(num_features),
-        running_var=running_var.reshape(num_features),
-        count=count,
-        whole_var=None if whole_var is None else whole_var.reshape(num_features),
-    )
+        groups = moments._replace(var=_unbiased(moments)) if unbiased_running_var else moments
+        contribution = per_feature(stats.pool(groups, (0,), axis_name, between_parts=False))
+        whole = per_feature(stats.pool(moments, (0,), axis_name)) if collecting else None
+    return Batch(x, feature_axis, moments.mean, moments.var, contribution, whole)
 
 
 def _unbiased(moments: stats.Moments) -> jax.Array:
     """`var * n / (n - 1)`, with a single entry (`n = 1`, variance 0) left at 0."""
-    return moments.var * (moments.count / jnp.maximum(moments.count - 1, 1))
-
-
-def _average_groups(
-    moments: stats.Moments, axis_name: stats.AxisName | None
-) -> tuple[jax.Array, jax.Array, int | jax.Array]:
-    """Count-weighted average of the groups' statistics, over all devices.
-
-    Returns the mean and variance to fold into the running statistics, and
-    how many entries contributed in all.
-    """
-    dtype = moments.mean.dtype
-    counts = jnp.broadcast_to(jnp.asarray(moments.count, dtype), moments.mean.shape)
-    sums = jnp.stack([counts, counts * moments.mean, counts * moments.var]).sum(axis=1)
-    if axis_name is not None:
-        sums = lax.psum(sums, axis_name)  # one collective for all three
-    total, mean_sum, var_sum = sums
-    safe_total = jnp.maximum(total, 1)
-    if isinstance(moments.count, int):
-        num_groups = moments.mean.shape[0] * checks.mapped_axis_size(axis_name)
-        return mean_sum / safe_total, var_sum / safe_total, moments.count * num_groups
-    return mean_sum / safe_total, var_sum / safe_total, jnp.reshape(total, -1)[0]
+    n = moments.count.astype(moments.var.dtype)
+    return moments.var * (n / jnp.maximum(n - 1, 1))
 
 
 def _split_batch(
@@ -322,63 +320,50 @@ def _check_params_and_state(
     checks.check_param_shape("state.count", state.count, (), "a scalar")
 
 
+def update_state(
+    state: BatchStats | CollectedStats, batch: Batch, momentum: float | None, skip_nonfinite: bool
+) -> BatchStats | CollectedStats:
+    """The state after a training step: running statistics updated, or moments collected."""
+    if isinstance(state, CollectedStats):
+        assert batch.whole is not None
+        return precise.collect(state, batch.whole, _is_usable(batch.whole, skip_nonfinite))
+    return update_running(state, batch.contribution, momentum, skip_nonfinite)
+
+
 def update_running(
-    state: BatchStats, batch: Batch, momentum: float | None, skip_nonfinite: bool = True
+    state: BatchStats,
+    contribution: stats.Moments,
+    momentum: float | None,
+    skip_nonfinite: bool = True,
 ) -> BatchStats:
     """Folds one batch's statistics into the running ones, without gradient.
 
     `running = momentum * running + (1 - momentum) * batch`, or with
     `momentum=None` the cumulative average over all updates. A batch with no
     contributing entry, or (with `skip_nonfinite`) with non-finite
-    statistics, leaves `state` as it was. In collection mode a state marked
-    by `precise_batch_stats` gets the batch's raw moments instead.
+    statistics, leaves `state` as it was.
     """
-    mean, var, count = batch.running_mean, batch.running_var, batch.count
-    mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
     dtype = state.mean.dtype
+    mean = lax.stop_gradient(contribution.mean).astype(dtype)
+    var = lax.stop_gradient(contribution.var).astype(dtype)
     if momentum is None:
         # Cumulative average: after k + 1 updates each batch has weight 1 / (k + 1).
         weight = 1.0 / (state.count.astype(dtype) + 1)
-        new_mean = state.mean + weight * (mean.astype(dtype) - state.mean)
-        new_var = state.var + weight * (var.astype(dtype) - state.var)
+        new_mean = state.mean + weight * (mean - state.mean)
+        new_var = state.var + weight * (var - state.var)
     else:
-        new_mean = momentum * state.mean + (1 - momentum) * mean.astype(dtype)
-        new_var = momentum * state.var + (1 - momentum) * var.astype(dtype)
+        new_mean = momentum * state.mean + (1 - momentum) * mean
+        new_var = momentum * state.var + (1 - momentum) * var
     new_state = BatchStats(
         new_mean.astype(dtype), new_var.astype(dtype), state.count + jnp.int32(1)
     )
-    usable = _is_usable(count, mean, var, skip_nonfinite)
-    if usable is not None:
-        new_state = jax.tree.map(lambda new, old: jnp.where(usable, new, old), new_state, state)
-    if collect.is_collecting():
-        new_state = _report_moments(state, batch, new_state)
-    return new_state
+    usable = _is_usable(contribution, skip_nonfinite)
+    return jax.tree.map(lambda new, old: jnp.where(usable, new, old), new_state, state)
 
 
-def _is_usable(
-    count: int | jax.Array, mean: jax.Array, var: jax.Array, skip_nonfinite: bool
-) -> jax.Array | None:
-    """Whether a batch may enter the running statistics; None when it always may."""
-    usable = None
-    if not isinstance(count, int):
-        # A batch whose entries are all masked out carries no statistics.
-        usable = jnp.reshape(count, -1)[0] > 0
+def _is_usable(contribution: stats.Moments, skip_nonfinite: bool) -> jax.Array:
+    """Whether a batch may enter the running statistics: it has entries (and is finite)."""
+    usable = contribution.count > 0
     if skip_nonfinite:
-        finite = jnp.isfinite(mean).all() & jnp.isfinite(var).all()
-        usable = finite if usable is None else usable & finite
+        usable &= jnp.isfinite(contribution.mean).all() & jnp.isfinite(contribution.var).all()
     return usable
-
-
-def _report_moments(state: BatchStats, batch: Batch, new_state: BatchStats) -> BatchStats:
-    """Collection mode: the whole batch's moments if `state` is marked, else `new_state`.
-
-    The reported `count` encodes how many entries contributed (see `collect`).
-    """
-    dtype = state.mean.dtype
-    reported = BatchStats(
-        lax.stop_gradient(batch.running_mean).astype(dtype),
-        lax.stop_gradient(batch.whole_var).astype(dtype),
-        collect.encode(jnp.reshape(jnp.asarray(batch.count), -1)[0]),
-    )
-    marked = state.count == collect.MARK
-    return jax.tree.map(lambda r, u: jnp.where(marked, r, u), reported, new_state)

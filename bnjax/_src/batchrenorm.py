@@ -5,12 +5,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src import batchnorm, checks, stats
-from bnjax._src.types import BatchStats, NormParams
+from bnjax._src.types import BatchStats, CollectedStats, NormParams
 
 
 def batchrenorm_apply(
     params: NormParams,
-    state: BatchStats,
+    state: BatchStats | CollectedStats,
     x: jax.Array,
     train: bool,
     *,
@@ -24,7 +24,7 @@ def batchrenorm_apply(
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
-) -> tuple[jax.Array, BatchStats]:
+) -> tuple[jax.Array, BatchStats | CollectedStats]:
     """BatchNorm corrected towards the running statistics (Ioffe 2017, Alg. 1).
 
     In training mode, with batch statistics `mean_B`, `var_B` over every axis
@@ -86,21 +86,28 @@ def batchrenorm_apply(
             params, state, x, feature_axis, epsilon
         ), state
     batch = batchnorm.batch_statistics(
-        x, feature_axis, mask, axis_name, virtual_batch_size, unbiased_running_var
+        x,
+        feature_axis,
+        mask,
+        axis_name,
+        virtual_batch_size,
+        unbiased_running_var,
+        collecting=isinstance(state, CollectedStats),
     )
+    running = batchnorm.running_stats(state)
 
     def expand(v: jax.Array | None) -> jax.Array | None:
         return stats.broadcast_to_axes(v, batch.x.ndim, (batch.feature_axis,))
 
     dtype = batch.mean.dtype
-    sigma = jnp.sqrt(expand(state.var).astype(dtype) + epsilon)
+    sigma = jnp.sqrt(expand(running.var).astype(dtype) + epsilon)
     sigma_batch = jnp.sqrt(batch.var + epsilon)
     r = lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / r_max, r_max))
-    d = (batch.mean - expand(state.mean).astype(dtype)) / sigma
+    d = (batch.mean - expand(running.mean).astype(dtype)) / sigma
     d = lax.stop_gradient(jnp.clip(d, -d_max, d_max))
     # ((x - mean) / sigma_B * r + d) * scale + bias, as one normalization.
     scale = jnp.ones((), dtype) if params.scale is None else expand(params.scale).astype(dtype)
     bias = jnp.zeros((), dtype) if params.bias is None else expand(params.bias).astype(dtype)
     y = stats.normalize(batch.x, batch.mean, batch.var, scale * r, bias + scale * d, epsilon)
-    new_state = batchnorm.update_running(state, batch, momentum, skip_nonfinite)
+    new_state = batchnorm.update_state(state, batch, momentum, skip_nonfinite)
     return y.reshape(x.shape), new_state

@@ -86,29 +86,45 @@ def check_epsilon(epsilon: float) -> None:
 
 
 def broadcast_mask(mask: Any, x_shape: tuple[int, ...], feature_axis: int | None) -> jax.Array:
-    """Checks a boolean mask against `x_shape`, without its feature axis if given.
+    """Checks a boolean mask against `x_shape` by the one mask rule; returns it at `x`'s rank.
+
+    A mask of `x`'s rank broadcasts by numpy's rules (each axis 1 or `x`'s
+    size). A mask of lower rank is aligned with `x`'s leading axes and
+    broadcast over the rest: `(N,)` masks the examples of `(N, C)` or
+    `(N, H, W, C)`, `(N, T)` the tokens of `(N, T, C)`. With a
+    `feature_axis`, the mask must not vary along it: size 1 there, and a
+    lower-rank mask must stop before it.
 
     Returns:
-      A boolean array of rank `len(x_shape)` (the feature axis, if any, of
-      size 1), each axis of size 1 or of `x`'s size.
+      A boolean array of rank `len(x_shape)`, each axis of size 1 or of
+      `x`'s size (size 1 on the feature axis, if any).
     """
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(
             f"`mask` must be boolean, got dtype {mask.dtype}. Use e.g. `mask.astype(bool)`."
         )
-    if feature_axis is None:
-        target, what = x_shape, "the input's shape"
-    else:
-        target = x_shape[:feature_axis] + x_shape[feature_axis + 1 :]
-        what = "the input's shape without its feature axis"
-    padded = (1,) * (len(target) - mask.ndim) + mask.shape
-    if mask.ndim > len(target) or any(m not in (1, t) for m, t in zip(padded, target, strict=True)):
+    ndim = len(x_shape)
+    if mask.ndim > ndim:
         raise ValueError(
-            f"`mask` must be broadcastable to {what}, {target}, got shape {mask.shape}."
+            f"`mask` must have at most the rank of `x` (shape {x_shape}), got shape {mask.shape}."
         )
-    if feature_axis is not None:
-        padded = padded[:feature_axis] + (1,) + padded[feature_axis:]
+    if feature_axis is not None and mask.ndim < ndim and mask.ndim > feature_axis:
+        example = tuple(1 if a == feature_axis else n for a, n in enumerate(x_shape))
+        raise ValueError(
+            f"`mask` with fewer axes than `x` is aligned with its leading axes and must not "
+            f"reach the feature axis {feature_axis}: got shape {mask.shape} for `x` of shape "
+            f"{x_shape}. Give the mask `x`'s rank, with size 1 on the feature axis, "
+            f"e.g. {example}."
+        )
+    padded = mask.shape + (1,) * (ndim - mask.ndim)
+    fits = all(m in (1, n) for m, n in zip(padded, x_shape, strict=True))
+    if not fits or (feature_axis is not None and padded[feature_axis] != 1):
+        rule = " and have size 1 on the feature axis" if feature_axis is not None else ""
+        raise ValueError(
+            f"`mask` must broadcast to `x`'s shape {x_shape} (a lower-rank mask aligned with "
+            f"the leading axes){rule}, got shape {mask.shape}."
+        )
     return mask.reshape(padded)
 
 

@@ -6,9 +6,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from bnjax._src import collect
-from bnjax._src.types import BatchStats
+from bnjax._src import stats
+from bnjax._src.types import BatchStats, CollectedStats
 
 
 def precise_batch_stats(
@@ -27,25 +28,25 @@ def precise_batch_stats(
     in training: earlier BatchNorm layers normalize with their batch's own
     statistics.
 
-    How: `stats_fn` is traced under a fresh `jax.jit`, with BatchNorm in
-    collection mode, and called with a copy of `state` whose `count`s are
-    marked. Every training-mode `batchnorm_apply` and `batchrenorm_apply`
-    then returns, in place of its updated state, this batch's mean, biased
-    variance and number of contributing entries: of the whole batch for
-    ghost batches, of all unmasked entries with `mask`, and pooled across
-    devices with `axis_name`. These are merged on the host in float64 with
-    the parallel (Chan et al.) formula: float64 keeps the merge exact to
-    float32 precision however many batches there are, and it costs one
-    small transfer per batch, which overlaps with the next batch's
-    computation.
+    How: each `BatchStats` in `state` is replaced by a `CollectedStats`,
+    a type of its own, so `stats_fn` is traced afresh under `jax.jit`. Every
+    training-mode `batchnorm_apply` and `batchrenorm_apply` given one
+    normalizes as in training and pools this batch's mean, biased variance
+    and number of contributing entries into it: of the whole batch for
+    ghost batches, of the unmasked entries with `mask`, across devices with
+    `axis_name`, and over every call when a layer is applied several times
+    (a shared block, layers stacked for `lax.scan`). The batches' results
+    are then merged on the host in float64 with exact integer counts (the
+    parallel formula of Chan et al.), which keeps the merge exact to
+    float32 precision however many batches there are; each batch costs one
+    small transfer, which overlaps with the next batch's computation.
 
     Args:
       stats_fn: `stats_fn(state, batch) -> new_state`, the model's
         training-mode forward pass reduced to its new state, e.g.
         `lambda s, b: model_apply(params, s, b, train=True)[1]`. It must
-        call the BatchNorm layers when traced here (not reuse a function
-        traced earlier by `jax.jit`), in training mode, and return the
-        state in `state`'s structure.
+        call every BatchNorm layer in training mode and return the state
+        in `state`'s structure.
       state: any pytree containing `BatchStats` nodes (for example a dict
         of them, or `BatchStats` with leading axes for layers stacked for
         `lax.scan`).
@@ -60,9 +61,8 @@ def precise_batch_stats(
 
     Raises:
       ValueError: `state` has no `BatchStats`; `batches` is empty;
-        `stats_fn` returns another structure; a `BatchStats` in the result
-        was not computed in collection mode (its layer ran in eval mode, or
-        not at all, or inside a function `jax.jit` had traced before).
+        `stats_fn` returns another structure; a layer ran in eval mode
+        (raised when it is traced) or was not called at all.
 
     Example:
       >>> params, state = bnjax.batchnorm_init(2)
@@ -87,23 +87,19 @@ def precise_batch_stats(
             f"`state` must contain at least one `BatchStats`, got {jax.tree.structure(state)}."
         )
     names = {i: jax.tree_util.keystr(paths_and_leaves[i][0]) or "state" for i in positions}
-    marked = list(leaves)
+    collecting = list(leaves)
     for i in positions:
-        marked[i] = leaves[i]._replace(
-            count=jnp.full(jnp.shape(leaves[i].count), collect.MARK, jnp.int32)
-        )
-    marked_state = jax.tree.unflatten(treedef, marked)
+        collecting[i] = _empty_collection(leaves[i])
+    collecting_state = jax.tree.unflatten(treedef, collecting)
 
-    # A new function object per call: no trace cached by an earlier call is reused.
-    traced = jax.jit(lambda s, b: stats_fn(s, b))
+    traced = jax.jit(stats_fn)
     pooled: dict[int, _Pooled] = {}
     pending = None
-    with collect.collecting():
-        for batch in batches:
-            result = traced(marked_state, batch)
-            if pending is not None:  # merge the previous batch while this one runs
-                _merge(pooled, pending, treedef, positions, names)
-            pending = result
+    for batch in batches:
+        result = traced(collecting_state, batch)
+        if pending is not None:  # merge the previous batch while this one runs
+            _merge(pooled, pending, treedef, positions, names)
+        pending = result
     if pending is None:
         raise ValueError("`batches` must yield at least one batch, got none.")
     _merge(pooled, pending, treedef, positions, names)
@@ -114,8 +110,45 @@ def precise_batch_stats(
     return jax.tree.unflatten(treedef, new_leaves)
 
 
+def collect(state: CollectedStats, batch: stats.Moments, usable: jax.Array) -> CollectedStats:
+    """`state` with one call's batch moments (shape `(C,)`) pooled in, without gradient.
+
+    A batch that is not `usable` (no contributing entry, or non-finite
+    statistics under `skip_nonfinite`) is counted as a call and adds nothing.
+    """
+    dtype = state.mean.dtype
+    batch = jax.tree.map(lax.stop_gradient, batch)
+    batch = stats.Moments(
+        batch.mean.astype(dtype), batch.var.astype(dtype), jnp.where(usable, batch.count, 0)
+    )
+    so_far = stats.Moments(state.mean, state.var, state.count)
+    both = stats.Moments(
+        *(jnp.stack([a, b]) for a, b in zip(so_far[:2], batch[:2], strict=True)),
+        count=jnp.stack([so_far.count, batch.count]).reshape(2, 1),
+    )
+    total = stats.pool(both, (0,))
+    return state._replace(
+        mean=jnp.where(usable, total.mean[0], state.mean),
+        var=jnp.where(usable, total.var[0], state.var),
+        count=total.count.reshape(()),
+        calls=state.calls + 1,
+    )
+
+
+def _empty_collection(running: BatchStats) -> CollectedStats:
+    """A `CollectedStats` that has pooled nothing yet, shaped like `running`."""
+    count_shape = jnp.shape(running.count)
+    return CollectedStats(
+        running=running,
+        mean=jnp.zeros_like(running.mean),
+        var=jnp.zeros_like(running.var),
+        count=jnp.zeros(count_shape, jnp.int32),
+        calls=jnp.zeros(count_shape, jnp.int32),
+    )
+
+
 def _is_stats(node: Any) -> bool:
-    return isinstance(node, BatchStats)
+    return isinstance(node, BatchStats | CollectedStats)
 
 
 class _Pooled:
@@ -154,25 +187,23 @@ def _merge(
 ) -> None:
     """Checks one batch's collected state and merges it into `pooled`."""
     leaves, result_treedef = jax.tree.flatten(result, is_leaf=_is_stats)
-    if result_treedef != treedef:
+    if result_treedef != treedef or any(
+        not isinstance(leaves[i], CollectedStats) for i in positions
+    ):
         raise ValueError(
             "`stats_fn` must return the state in the structure of `state`, "
             f"{treedef}, got {result_treedef}."
         )
     fetched = jax.device_get([leaves[i] for i in positions])
-    for i, stats in zip(positions, fetched, strict=True):
-        n = collect.decode(np.asarray(stats.count, np.int64))
-        if np.any(n < 0):
+    for i, collected in zip(positions, fetched, strict=True):
+        if np.any(np.asarray(collected.calls) == 0):
             raise ValueError(
-                f"The BatchNorm of `{names[i]}` did not report its batch statistics: "
-                "`stats_fn` must run it in training mode (`train=True`), and it must "
-                "be traced afresh. A function that `jax.jit` traced before "
-                "`precise_batch_stats` reuses that trace: call the model itself, not "
-                "an already-jitted function, inside `stats_fn`."
+                f"The BatchNorm of `{names[i]}` was not called: `stats_fn` must run every "
+                "BatchNorm layer of `state` in training mode and return its new state."
             )
-        mean = np.asarray(stats.mean, np.float64)
-        var = np.asarray(stats.var, np.float64)
-        n = n.astype(np.float64)
+        n = np.asarray(collected.count, np.float64)  # int32 per batch: exact in float64
+        mean = np.asarray(collected.mean, np.float64)
+        var = np.asarray(collected.var, np.float64)
         if i in pooled:
             pooled[i].add(n, mean, var)
         else:

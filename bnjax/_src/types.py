@@ -41,6 +41,32 @@ class BatchStats(NamedTuple):
     count: jax.Array
 
 
+class CollectedStats(NamedTuple):
+    """A BatchNorm state that collects batch moments for `precise_batch_stats`.
+
+    `precise_batch_stats` puts one in place of each `BatchStats` before it
+    runs the model. A training-mode `batchnorm_apply` or `batchrenorm_apply`
+    given one normalizes as usual, and returns it with this call's batch
+    moments pooled in, instead of a running update: a layer called several
+    times pools over all of its calls. Being its own type, it makes
+    `jax.jit` trace anew; no trace made for `BatchStats` can be reused.
+
+    Attributes:
+      running: the layer's `BatchStats`, passed through unchanged (Batch
+        Renorm's corrections read them).
+      mean: shape `(C,)`, the mean of every entry pooled so far.
+      var: shape `(C,)`, their biased variance.
+      count: int32 scalar, how many entries per feature were pooled.
+      calls: int32 scalar, how many training-mode calls pooled into it.
+    """
+
+    running: BatchStats
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+    calls: jax.Array
+
+
 class InitFn(Protocol):
     """Creates a normalizer's parameters and state for inputs of a shape."""
 
