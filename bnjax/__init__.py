@@ -25,6 +25,7 @@ from bnjax._src.precise import precise_batch_stats as precise_batch_stats
 from bnjax._src.rmsnorm import rmsnorm_apply as rmsnorm_apply
 from bnjax._src.rmsnorm import rmsnorm_init as rmsnorm_init
 from bnjax._src.types import BatchStats as BatchStats
+from bnjax._src.types import CollectedStats as CollectedStats
 from bnjax._src.types import Normalizer as Normalizer
 from bnjax._src.types import NormParams as NormParams
 from bnjax._src.weight_decay import weight_decay_mask as weight_decay_mask
@@ -36,6 +37,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BatchStats",
+    "CollectedStats",
     "NormParams",
     "Normalizer",
     "batchnorm",

@@ -77,7 +77,9 @@ def batchnorm_apply(
 
     Args:
       params: `NormParams` from `batchnorm_init`, fields of shape `(C,)`.
-      state: `BatchStats` from `batchnorm_init` or a previous call.
+      state: `BatchStats` from `batchnorm_init` or a previous call; or,
+        inside `precise_batch_stats`, the `CollectedStats` it hands out
+        (training mode only), which gets this call's batch moments pooled in.
       x: floating input of any rank >= 1 whose `axis` has size `C`, e.g.
         `(N, C)`, `(N, T, C)`, `(N, H, W, C)`, `(N, D, H, W, C)`. Statistics
         of bfloat16/float16 inputs are accumulated in float32; `y` has `x`'s
@@ -92,14 +94,18 @@ def batchnorm_apply(
       axis_name: a mapped axis name (or tuple of names) of an enclosing
         `shard_map`, `vmap(..., axis_name=...)` or `pmap`. The statistics are
         then those of the whole batch across that axis (synchronized
-        BatchNorm), computed exactly in one collective. Default None.
-      mask: optional boolean array, broadcastable (numpy rules) to `x`'s shape
-        without its feature axis, e.g. `(N,)` for `(N, C)` inputs or
-        `(N, 1, 1)` for `(N, H, W, C)`. False entries do not contribute to
-        the statistics; their outputs are still computed. With `axis_name`
-        every device's unmasked entries count equally. If no entry at all is
-        unmasked, the running statistics and `count` are left as they were.
-        Ignored in eval mode.
+        BatchNorm), pooled exactly in two all-reduces of O(C) values (see
+        `README`, "Synchronized BatchNorm"). Default None.
+      mask: optional boolean array of entries that contribute to the
+        statistics, by the one mask rule: of `x`'s rank it broadcasts by
+        numpy's rules with size 1 on the feature axis (e.g. `(N, 1, H, W)`
+        for NCHW); with fewer axes it is aligned with `x`'s leading axes and
+        must stop before the feature axis (e.g. `(N,)` for `(N, C)` or
+        `(N, H, W, C)`, `(N, H, W)` for NHWC). False entries do not
+        contribute; their outputs are still computed.
+        With `axis_name` every device's unmasked entries count equally. If
+        no entry at all is unmasked, the running statistics and `count` are
+        left as they were. Ignored in eval mode.
       virtual_batch_size: ghost BatchNorm: in training mode, normalize each
         group of this many consecutive examples (along axis 0) with the
         group's own statistics. The running statistics are updated once per
@@ -128,8 +134,9 @@ def batchnorm_apply(
 
     Returns:
       `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated
-      `BatchStats` (`state` itself when `train=False`). The batch statistics
-      enter `new_state` without gradient.
+      `BatchStats` (`state` itself when `train=False`; a `CollectedStats`
+      when given one). The batch statistics enter `new_state` without
+      gradient.
 
     Raises:
       TypeError: `train` is not a Python bool (e.g. traced); `x` or `mask`
@@ -138,7 +145,8 @@ def batchnorm_apply(
         range; training with a single value per feature (counted across
         `axis_name`); `mask` is not broadcastable; `momentum` is outside
         [0, 1]; `epsilon <= 0`; `axis_name` is not bound;
-        `virtual_batch_size` does not divide the batch.
+        `virtual_batch_size` does not divide the batch; `train=False` with a
+        `CollectedStats`.
 
     Example:
       >>> params, state = bnjax.batchnorm_init(2)

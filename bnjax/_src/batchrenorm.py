@@ -40,7 +40,8 @@ def batchrenorm_apply(
 
     Args:
       params: `NormParams` from `batchnorm_init`, fields of shape `(C,)`.
-      state: `BatchStats` from `batchnorm_init` or a previous call.
+      state: `BatchStats` from `batchnorm_init` or a previous call (or a
+        `CollectedStats`, as in `batchnorm_apply`).
       x: floating input whose `axis` has size `C`; see `batchnorm_apply`.
       train: Python bool, static under `jax.jit`.
       axis: the feature axis. Default -1.
@@ -51,8 +52,8 @@ def batchrenorm_apply(
       d_max: bound of the shift correction `d`, >= 0. Default 5.0.
       axis_name: synchronize the batch statistics across this mapped axis,
         as in `batchnorm_apply`. Default None.
-      mask: boolean, broadcastable to `x` without its feature axis; False
-        entries do not contribute to the statistics. Default None.
+      mask: optional boolean mask of contributing entries, by the one mask
+        rule (see `batchnorm_apply`). Default None.
       virtual_batch_size: ghost batches, as in `batchnorm_apply`; `r` and `d`
         are then per group. Default None.
       unbiased_running_var: fold `var * n / (n - 1)` into the running

@@ -66,9 +66,12 @@ def groupnorm_apply(
         InstanceNorm.
       axis: the channel axis, not 0. Default -1 (NHWC); `axis=1` for NCHW.
       epsilon: added to the variance, > 0. Default 1e-5.
-      mask: optional boolean, broadcastable to `x` without its channel axis,
-        e.g. `(N, H, W)` or `(N, 1, W)`; False entries do not contribute to
-        the statistics. Their outputs are still computed.
+      mask: optional boolean array of entries that contribute to the
+        statistics, by the one mask rule: of `x`'s rank it broadcasts by
+        numpy's rules with size 1 on the channel axis; with fewer axes it is
+        aligned with `x`'s leading axes and must stop before the channel
+        axis (e.g. `(N,)`, or `(N, H, W)` for NHWC). False entries do not
+        contribute; their outputs are still computed.
 
     Returns:
       `y`, of `x`'s shape and dtype.
@@ -143,7 +146,8 @@ def instancenorm_apply(
       x: floating input of rank >= 2, batch axis first, e.g. `(N, H, W, C)`.
       axis: the channel axis, not 0. Default -1; `axis=1` for NCHW.
       epsilon: added to the variance, > 0. Default 1e-5.
-      mask: optional boolean, broadcastable to `x` without its channel axis.
+      mask: optional boolean mask of contributing entries, as in
+        `groupnorm_apply`.
 
     Returns:
       `y`, of `x`'s shape and dtype.

@@ -69,10 +69,12 @@ def layernorm_apply(
         feature axis; numpy-ml's `LayerNorm1D`). `(-3, -2, -1)` is numpy-ml's
         `LayerNorm2D` on `(N, H, W, C)` inputs.
       epsilon: added to the variance, > 0. Default 1e-5.
-      mask: optional boolean, broadcastable to `x`'s shape, e.g. `(N, T, 1)`
-        for padded steps of `(N, T, C)` normalized over `axis=(1, 2)`; False
-        entries do not contribute to the statistics. Their outputs are still
-        computed.
+      mask: optional boolean array of entries that contribute to the
+        statistics, by the one mask rule: of `x`'s rank it broadcasts by
+        numpy's rules; with fewer axes it is aligned with `x`'s leading axes,
+        e.g. `(N, T)` for the padded tokens of `(N, T, C)` normalized over
+        `axis=(1, 2)`. False entries do not contribute; their outputs are
+        still computed.
 
     Returns:
       `y`, of `x`'s shape and dtype.

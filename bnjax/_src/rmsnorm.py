@@ -58,8 +58,8 @@ def rmsnorm_apply(
         inputs is accumulated in float32; the output has `x`'s dtype.
       axis: the normalized axes, an int or a tuple of ints. Default -1.
       epsilon: added to the mean square, > 0. Default 1e-6.
-      mask: optional boolean, broadcastable to `x`'s shape; False entries do
-        not contribute to the mean square.
+      mask: optional boolean array of entries that contribute to the mean
+        square, by the one mask rule (see `layernorm_apply`).
 
     Returns:
       `y`, of `x`'s shape and dtype.

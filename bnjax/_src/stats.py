@@ -19,6 +19,7 @@ compiler, the cache size or the size of the input.
 
 import math
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
+
+from bnjax._src import stats_cpu
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -60,18 +63,25 @@ def moments(
 ) -> Moments:
     """Mean and biased variance of `x` over `axes`.
 
-    The variance is taken on shifted data: with `s` a value per kept
-    position near its data (held out of the gradient), `d = x - s` gives
-    `mean = s + E[d]` and `var = E[d^2] - E[d]^2`. Both sums read `x` once
-    and neither waits for the other. Since `s` lies within the data's spread
-    of the mean, the cancellation that ruins the unshifted form
-    (`E[x^2] - E[x]^2` for mean 1e4, std 1 in float32) does not occur. Both
-    results are exact functions of `x` for any `s`, so autodiff gives the
-    gradients of the textbook formulas, to every order.
+    One formula, `mean = s + E[x - s]` and `var = E[(x - s)^2] - E[x - s]^2`
+    with `s` a value per kept position near its data, held out of the
+    gradient. Both results are exact functions of `x` for any `s`, so
+    autodiff gives the gradients of the textbook formulas, to every order;
+    and since `s` lies within the data's spread of the mean, the
+    cancellation that ruins the unshifted form (`E[x^2] - E[x]^2` for mean
+    1e4, std 1 in float32) does not occur. The choice of `s` follows the
+    layout, not the size:
 
-    `s` is the first entry along `axes`; with a mask it is the masked mean
-    (a first unmasked entry would need a gather per kept position), which
-    costs one more read of `x`.
+    * Rows (the reduced axes are the trailing ones: LayerNorm, RMSNorm,
+      InstanceNorm on NCHW): `s` is the row's mean, and the variance is
+      then taken about the corrected mean, `E[(x - mean)^2]`, the textbook
+      two-pass form. A row is one kept position's data, so compilers keep
+      it on chip between the passes (XLA fuses them into one loop on CPU
+      and one kernel on GPU), and the extra passes cost no memory traffic.
+    * Columns (every other layout: BatchNorm, GroupNorm on NHWC): each
+      statistic spans the whole input, so a pass is a trip through memory.
+      `s` is the first entry (the masked mean with a mask, one more read),
+      and the two shifted sums are taken in one pass (`_shifted_sums`).
 
     Args:
       x: floating input of any rank.
@@ -98,12 +108,32 @@ def moments(
             (leading, trailing) if size(leading) >= size(trailing) else (trailing, leading)
         )
         return pool(moments(x, first, mask=mask), then, axis_name)
-    local = _on_merged_view(_shifted_moments, x, axes, mask)
+    if _are_rows(x.ndim, axes):
+        local = _row_moments(x, axes, mask)
+    else:
+        local = _on_merged_view(_column_moments, x, axes, mask)
     return local if axis_name is None else pool(local, (), axis_name)
 
 
-def _shifted_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
-    """`moments` of one device's entries, on a view whose runs of axes are merged."""
+def _row_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
+    """`moments` over trailing axes, on a merged view: two passes over each row."""
+    dtype = stats_dtype(x.dtype)
+    count = _count(x.shape, axes, mask)
+    safe_count = jnp.maximum(count, 1).astype(dtype)
+
+    def mean_of(v: jax.Array) -> jax.Array:
+        v = v if mask is None else jnp.where(mask, v, 0)
+        return jnp.sum(v, axes, keepdims=True) / safe_count
+
+    rough = lax.stop_gradient(mean_of(x.astype(dtype)))
+    # For mean 1e4, std 1 in float32 the plain mean is off by ~1e-3, the
+    # mean of the deviations from it corrects that to the last bit.
+    mean = rough + mean_of(x.astype(dtype) - rough)
+    return Moments(mean, mean_of(jnp.square(x.astype(dtype) - mean)), count)
+
+
+def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
+    """`moments` over axes that are not all trailing, on a merged view: one pass."""
     dtype = stats_dtype(x.dtype)
     count = _count(x.shape, axes, mask)
     safe_count = jnp.maximum(count, 1).astype(dtype)
@@ -112,15 +142,32 @@ def _shifted_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None
     else:
         shift = jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True, dtype=dtype) / safe_count
     shift = lax.stop_gradient(shift).astype(dtype)
-    d = x.astype(dtype) - shift
-    if mask is not None:
-        d = jnp.where(mask, d, 0)
-    mean_d = jnp.sum(d, axes, keepdims=True) / safe_count
-    var = jnp.maximum(jnp.sum(d * d, axes, keepdims=True) / safe_count - mean_d * mean_d, 0)
+    sum_d, sum_d2 = lax.platform_dependent(
+        x,
+        shift,
+        cpu=partial(stats_cpu.shifted_sums, mask=mask, axes=axes),
+        default=partial(shifted_sums, mask=mask, axes=axes),
+    )
+    mean_d = sum_d / safe_count
+    var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0)
     mean = shift + mean_d
     if mask is not None:
         mean = jnp.where(count > 0, mean, 0)
     return Moments(mean, var, count)
+
+
+def shifted_sums(
+    x: jax.Array, shift: jax.Array, *, mask: jax.Array | None, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """`sum(d)` and `sum(d**2)` over `axes` of `d = x - shift`, masked entries left out.
+
+    Written plainly: compilers that fuse sibling reductions (XLA on GPU and
+    TPU) read `x` once for both. XLA:CPU does not; see `stats_cpu`.
+    """
+    d = x.astype(shift.dtype) - shift
+    if mask is not None:
+        d = jnp.where(mask, d, 0)
+    return jnp.sum(d, axes, keepdims=True), jnp.sum(d * d, axes, keepdims=True)
 
 
 def _first_entry(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -195,28 +242,16 @@ def pool(
       `Moments` with `axes` kept with size 1.
     """
     if axes:
-        # Along `axes` the means are centred on the first part's, so that
-        # parts with equal means pool to exactly that mean (dividing the raw
-        # sum by `n` may be off by an ulp, which a zero variance magnifies).
-        reference = lax.stop_gradient(
-            parts.mean[
-                tuple(slice(0, 1) if a in axes else slice(None) for a in range(parts.mean.ndim))
-            ]
-        )
-        parts = _pool_sums(parts, axes, None, between_parts, reference)
+        parts = _pool_sums(parts, axes, None, between_parts)
     if axis_name is not None:
-        parts = _pool_sums(parts, (), axis_name, between_parts, None)
+        parts = _pool_sums(parts, (), axis_name, between_parts)
     return parts
 
 
 def _pool_sums(
-    parts: Moments,
-    axes: tuple[int, ...],
-    axis_name: AxisName | None,
-    between_parts: bool,
-    reference: jax.Array | None,
+    parts: Moments, axes: tuple[int, ...], axis_name: AxisName | None, between_parts: bool
 ) -> Moments:
-    """`pool` along `axes` or across `axis_name`, the means taken relative to `reference`."""
+    """`pool` along `axes` or across `axis_name`."""
     dtype = parts.mean.dtype
     # Counts stay as narrow as they are along the other axes (BatchNorm's
     # are the same for every feature).
@@ -226,10 +261,9 @@ def _pool_sums(
     ]
     count = jnp.broadcast_to(parts.count, shape)
     weight = count.astype(dtype)
-    centred = parts.mean if reference is None else parts.mean - reference
     sums = (
         jnp.sum(count, axes, keepdims=True),
-        jnp.sum(weight * centred, axes, keepdims=True),
+        jnp.sum(weight * parts.mean, axes, keepdims=True),
         jnp.sum(weight * parts.var, axes, keepdims=True),
     )
     if axis_name is not None:
@@ -237,7 +271,13 @@ def _pool_sums(
     total, weighted_means, weighted_vars = sums
     safe_total = jnp.maximum(total, 1).astype(dtype)
     mean = weighted_means / safe_total
-    mean = mean if reference is None else reference + mean
+    if not axis_name:
+        # Dividing the sum by `n` may leave the mean an ulp off, even when
+        # every part has the same mean (a constant channel), and a zero
+        # variance magnifies that; the mean of the parts' deviations from
+        # it corrects it to the last bit.
+        rough = lax.stop_gradient(mean)
+        mean = rough + jnp.sum(weight * (parts.mean - rough), axes, keepdims=True) / safe_total
     if not between_parts:
         return Moments(mean, weighted_vars / safe_total, total)
     spread = jnp.sum(weight * jnp.square(parts.mean - mean), axes, keepdims=True)
@@ -263,12 +303,39 @@ def normalize(
     """
     dtype = stats_dtype(x.dtype)
     factor = lax.rsqrt(var.astype(dtype) + epsilon)
+    reduced = tuple(a for a in range(x.ndim) if mean.shape[a] == 1 < x.shape[a])
+    if _are_rows(x.ndim, reduced):
+        # The textbook form, which compilers fuse with the row statistics.
+        # Scaling by the per-row factor and then by the per-feature scale
+        # (not by their full-size product) keeps autodiff's sums for each
+        # to one reduction of its own kind.
+        y = (x.astype(dtype) - mean.astype(dtype)) * factor
+        y = y if scale is None else y * scale.astype(dtype)
+        return (y if bias is None else y + bias.astype(dtype)).astype(x.dtype)
     if scale is not None:
         factor = factor * scale.astype(dtype)
-    y = (x.astype(dtype) - mean.astype(dtype)) * factor
+    # `(x - mean) * factor + bias`, written so that the gradient reaches
+    # `mean` through a per-feature term: its cotangent is then `-factor`
+    # times the bias's (a sum autodiff takes anyway), not one more pass
+    # over a full-size `g * factor`. The values are unchanged:
+    # `mean - stop_gradient(mean)` is exactly 0.
+    fixed_mean = lax.stop_gradient(mean.astype(dtype))
+    offset = -(mean.astype(dtype) - fixed_mean) * factor
     if bias is not None:
-        y = y + bias.astype(dtype)
-    return y.astype(x.dtype)
+        offset = offset + bias.astype(dtype)
+    # On a view with merged axes (GroupNorm's (N, H, W, G, C // G) as
+    # (N, H*W, C)), the sums autodiff takes for the coefficients are plain
+    # reductions over one axis.
+    shape = jnp.broadcast_shapes(fixed_mean.shape, factor.shape, offset.shape)
+    runs = _runs([n == 1 for n in shape])
+    coefficients = tuple(
+        _merge_runs(jnp.broadcast_to(c, shape), runs) for c in (fixed_mean, factor, offset)
+    )
+    fixed_mean, factor, offset = lax.platform_dependent(
+        *coefficients, cpu=stats_cpu.computed_once, default=lambda *c: c
+    )
+    y = (_merge_runs(x.astype(dtype), runs) - fixed_mean) * factor + offset
+    return y.reshape(x.shape).astype(x.dtype)
 
 
 def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
@@ -288,6 +355,11 @@ def _count(shape: tuple[int, ...], axes: tuple[int, ...], mask: jax.Array | None
     # Axes the mask does not span count every entry along them.
     repeats = math.prod(shape[a] for a in axes if mask.shape[a] == 1)
     return jnp.sum(mask, axes, keepdims=True, dtype=jnp.int32) * repeats
+
+
+def _are_rows(ndim: int, axes: tuple[int, ...]) -> bool:
+    """Whether `axes` are the trailing axes: each kept position's entries are one row."""
+    return all(a >= ndim - len(axes) for a in axes)
 
 
 def _split_at_last_kept(ndim: int, axes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
@@ -311,15 +383,10 @@ def _on_merged_view(
     if any, spans both or neither (so it never needs broadcasting).
     """
     kinds = [(a in axes, mask is not None and mask.shape[a] == 1) for a in range(x.ndim)]
-    runs: list[list[int]] = []
-    for a, kind in enumerate(kinds):
-        if runs and kinds[runs[-1][0]] == kind:
-            runs[-1].append(a)
-        else:
-            runs.append([a])
+    runs = _runs(kinds)
     merged_axes = tuple(i for i, run in enumerate(runs) if kinds[run[0]][0])
-    merged_mask = None if mask is None else _merge_runs(mask, x.shape, runs)
-    result = fn(_merge_runs(x, x.shape, runs), merged_axes, merged_mask)
+    merged_mask = None if mask is None else _merge_runs(mask, runs)
+    result = fn(_merge_runs(x, runs), merged_axes, merged_mask)
 
     def unmerge(v: jax.Array) -> jax.Array:
         shape = [n for i, run in enumerate(runs) for n in _run_shape(v.shape[i], run, x.shape)]
@@ -333,6 +400,17 @@ def _run_shape(size: int, run: list[int], shape: tuple[int, ...]) -> list[int]:
     return [1] * len(run) if size == 1 else [shape[a] for a in run]
 
 
-def _merge_runs(v: jax.Array, shape: tuple[int, ...], runs: list[list[int]]) -> jax.Array:
-    """Reshapes `v` (of `shape`'s rank, each run all broadcast or all full) to one axis per run."""
+def _runs(kinds: list) -> list[list[int]]:
+    """Groups axes into runs of adjacent axes of the same kind."""
+    runs: list[list[int]] = []
+    for a, kind in enumerate(kinds):
+        if runs and kinds[runs[-1][0]] == kind:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return runs
+
+
+def _merge_runs(v: jax.Array, runs: list[list[int]]) -> jax.Array:
+    """Reshapes `v` to one axis per run (each run all of size 1 or all full)."""
     return v.reshape([math.prod(v.shape[a] for a in run) for run in runs])

@@ -104,7 +104,10 @@ class ApplyFn(Protocol):
           train: Python bool, static under `jax.jit`. Stateless normalizers
             compute the same thing in both modes.
           mask: optional boolean mask of entries that contribute to the
-            statistics, as documented by the matching `*_apply` function.
+            statistics, by the one mask rule every normalizer shares: of
+            `x`'s rank it broadcasts by numpy's rules; with fewer axes it is
+            aligned with `x`'s leading axes (`(N,)` masks examples); it
+            never varies along a feature axis.
 
         Returns:
           `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` is
