@@ -18,7 +18,7 @@ compiler, the cache size or the size of the input.
 """
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from functools import partial
 from typing import NamedTuple
 
@@ -111,7 +111,7 @@ def moments(
     if _are_rows(x.ndim, axes):
         local = _row_moments(x, axes, mask)
     else:
-        local = _on_merged_view(_column_moments, x, axes, mask)
+        local = _column_moments(x, axes, mask)
     return local if axis_name is None else pool(local, (), axis_name)
 
 
@@ -133,7 +133,7 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) ->
 
 
 def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
-    """`moments` over axes that are not all trailing, on a merged view: one pass."""
+    """`moments` over axes that are not all trailing: one pass."""
     dtype = stats_dtype(x.dtype)
     count = _count(x.shape, axes, mask)
     safe_count = jnp.maximum(count, 1).astype(dtype)
@@ -142,12 +142,7 @@ def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None)
     else:
         shift = jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True, dtype=dtype) / safe_count
     shift = lax.stop_gradient(shift).astype(dtype)
-    sum_d, sum_d2 = lax.platform_dependent(
-        x,
-        shift,
-        cpu=partial(stats_cpu.shifted_sums, mask=mask, axes=axes),
-        default=partial(shifted_sums, mask=mask, axes=axes),
-    )
+    sum_d, sum_d2 = _sums_on_merged_view(x, shift, mask, axes)
     mean_d = sum_d / safe_count
     var = jnp.maximum(sum_d2 / safe_count - mean_d * mean_d, 0)
     mean = shift + mean_d
@@ -368,36 +363,28 @@ def _split_at_last_kept(ndim: int, axes: tuple[int, ...]) -> tuple[tuple[int, ..
     return tuple(a for a in axes if a < last_kept), tuple(a for a in axes if a > last_kept)
 
 
-def _on_merged_view(
-    fn: Callable[[jax.Array, tuple[int, ...], jax.Array | None], Moments],
-    x: jax.Array,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-) -> Moments:
-    """`fn(x, axes, mask)` computed on a view of `x` with runs of adjacent axes merged.
+def _sums_on_merged_view(
+    x: jax.Array, shift: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """The shifted sums of `_column_moments`, taken on a view of `x` with runs of axes merged.
 
-    E.g. NHWC BatchNorm becomes a `(N*H*W, C)` reduction and LayerNorm over
-    `(H, W, C)` a `(N, H*W*C)` one: merging contiguous axes is a free
-    reshape, and a reduction over one merged axis is what compilers handle
-    best. Axes are merged when both are reduced or both kept, and the mask,
-    if any, spans both or neither (so it never needs broadcasting).
+    E.g. NHWC BatchNorm becomes a `(N*H*W, C)` reduction: merging contiguous
+    axes is a free reshape, and a reduction over one merged axis is what
+    compilers handle best. Axes are merged when both are reduced or both
+    kept, and the mask, if any, spans both or neither (so it never needs
+    broadcasting).
     """
     kinds = [(a in axes, mask is not None and mask.shape[a] == 1) for a in range(x.ndim)]
     runs = _runs(kinds)
     merged_axes = tuple(i for i, run in enumerate(runs) if kinds[run[0]][0])
     merged_mask = None if mask is None else _merge_runs(mask, runs)
-    result = fn(_merge_runs(x, runs), merged_axes, merged_mask)
-
-    def unmerge(v: jax.Array) -> jax.Array:
-        shape = [n for i, run in enumerate(runs) for n in _run_shape(v.shape[i], run, x.shape)]
-        return v.reshape(shape)
-
-    return Moments(*(unmerge(v) for v in result))
-
-
-def _run_shape(size: int, run: list[int], shape: tuple[int, ...]) -> list[int]:
-    """The axes' sizes of a merged run: all 1 if it was reduced or broadcast."""
-    return [1] * len(run) if size == 1 else [shape[a] for a in run]
+    sums = lax.platform_dependent(
+        _merge_runs(x, runs),
+        _merge_runs(shift, runs),
+        cpu=partial(stats_cpu.shifted_sums, mask=merged_mask, axes=merged_axes),
+        default=partial(shifted_sums, mask=merged_mask, axes=merged_axes),
+    )
+    return tuple(s.reshape(shift.shape) for s in sums)
 
 
 def _runs(kinds: list) -> list[list[int]]:
