@@ -116,7 +116,7 @@ def moments(
 
 
 def _row_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
-    """`moments` over trailing axes, on a merged view: two passes over each row."""
+    """`moments` over the trailing axes: two passes over each row."""
     dtype = stats_dtype(x.dtype)
     count = _count(x.shape, axes, mask)
     safe_count = jnp.maximum(count, 1).astype(dtype)
