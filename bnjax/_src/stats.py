@@ -323,11 +323,8 @@ def normalize(
     # reductions over one axis.
     shape = jnp.broadcast_shapes(fixed_mean.shape, factor.shape, offset.shape)
     runs = _runs([n == 1 for n in shape])
-    coefficients = tuple(
+    fixed_mean, factor, offset = (
         _merge_runs(jnp.broadcast_to(c, shape), runs) for c in (fixed_mean, factor, offset)
-    )
-    fixed_mean, factor, offset = lax.platform_dependent(
-        *coefficients, cpu=stats_cpu.computed_once, default=lambda *c: c
     )
     y = (_merge_runs(x.astype(dtype), runs) - fixed_mean) * factor + offset
     return y.reshape(x.shape).astype(x.dtype)

@@ -1,8 +1,7 @@
-"""XLA:CPU's forms of two steps of `stats`: the shifted sums, and the coefficients.
+"""XLA:CPU's form of the shifted sums of `stats._column_moments`.
 
 Selected by `jax.lax.platform_dependent` for the CPU backend only; every
-other backend runs `stats.shifted_sums`, the same sums written plainly, and
-lets the compiler fuse the coefficients of `stats.normalize` as it likes.
+other backend runs `stats.shifted_sums`, the same sums written plainly.
 
 XLA:CPU neither fuses two reductions of one input into one loop nor lets
 each reduction recompute `x - shift` on its own: it merges the two equal
@@ -52,17 +51,6 @@ def _separate_sums_jvp(axes, primals, tangents):
     d = fresh_x.astype(shift.dtype) - fresh_shift
     d_dot = _masked(x_dot.astype(shift.dtype) - shift_dot, mask)
     return sums, (jnp.sum(d_dot, axes, keepdims=True), 2 * jnp.sum(d * d_dot, axes, keepdims=True))
-
-
-def computed_once(*coefficients: jax.Array) -> tuple[jax.Array, ...]:
-    """The per-feature coefficients of `stats.normalize`, computed before the pass over `x`.
-
-    XLA:CPU otherwise fuses their arithmetic (the pooling of GroupNorm's
-    per-channel moments, `rsqrt`) into the elementwise loop and repeats it
-    for every entry. Measured as above, GroupNorm(32) forward+backward on
-    (32, 56, 56, 64): 5.9 times the floor without this, 2.5 with it.
-    """
-    return lax.optimization_barrier(coefficients)
 
 
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
