@@ -24,15 +24,11 @@ import pytest
 import bnjax
 from tests import multihost_worker as worker
 from tests import references
+from tests.tolerances import SYNC_GRAD_TOL, SYNC_TOL
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 # Both workers start, compile and finish in a few seconds; this bounds a hang.
 TIMEOUT_S = 120
-# float32 across 8 devices vs float64 numpy, values of order 1-10, statistics
-# over 256 entries per feature (as in test_sync.py).
-FLOAT64_TOL = {"rtol": 2e-5, "atol": 2e-5}
-# Gradients sum 256 products of order 1-10 per feature (as in test_sync.py).
-GRAD_TOL = {"rtol": 1e-4, "atol": 1e-4}
 # The loss sums 768 products of order 1: float32 rounding of each term adds
 # up to ~1e-4 in absolute terms.
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-3}
@@ -162,12 +158,12 @@ def test_output_and_running_statistics_are_those_of_the_whole_batch(results):
     half = x.shape[0] // worker.NUM_PROCESSES
 
     for i, result in enumerate(results):
-        np.testing.assert_allclose(result["y"], expected_y, **FLOAT64_TOL)
+        np.testing.assert_allclose(result["y"], expected_y, **SYNC_TOL)
         # Each process's own devices hold its own half of the batch.
         mine = slice(i * half, (i + 1) * half)
-        np.testing.assert_allclose(result["y_local"], expected_y[mine], **FLOAT64_TOL)
-        np.testing.assert_allclose(result["mean"], expected_mean, **FLOAT64_TOL)
-        np.testing.assert_allclose(result["var"], expected_var, **FLOAT64_TOL)
+        np.testing.assert_allclose(result["y_local"], expected_y[mine], **SYNC_TOL)
+        np.testing.assert_allclose(result["mean"], expected_mean, **SYNC_TOL)
+        np.testing.assert_allclose(result["var"], expected_var, **SYNC_TOL)
         assert int(result["count"]) == worker.RUNNING_COUNT + 1
         np.testing.assert_allclose(result["loss"], np.sum(expected_y * dy), **LOSS_TOL)
 
@@ -179,7 +175,7 @@ def test_gradients_and_sgd_update_are_those_of_the_whole_batch(results):
     new_bias = np.asarray(worker.BIAS) - worker.LEARNING_RATE * grads.bias
 
     for result in results:
-        np.testing.assert_allclose(result["grad_scale"], grads.scale, **GRAD_TOL)
-        np.testing.assert_allclose(result["grad_bias"], grads.bias, **GRAD_TOL)
-        np.testing.assert_allclose(result["new_scale"], new_scale, **GRAD_TOL)
-        np.testing.assert_allclose(result["new_bias"], new_bias, **GRAD_TOL)
+        np.testing.assert_allclose(result["grad_scale"], grads.scale, **SYNC_GRAD_TOL)
+        np.testing.assert_allclose(result["grad_bias"], grads.bias, **SYNC_GRAD_TOL)
+        np.testing.assert_allclose(result["new_scale"], new_scale, **SYNC_GRAD_TOL)
+        np.testing.assert_allclose(result["new_bias"], new_bias, **SYNC_GRAD_TOL)

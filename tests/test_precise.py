@@ -4,7 +4,9 @@ The reference runs each model in numpy, batch by batch, in training mode
 (every BatchNorm normalizes with its own batch's statistics, so a later
 layer's input depends on the earlier layers' batch statistics), records the
 input of every BatchNorm, and takes the mean and biased variance of all of
-them together.
+them together. The merge is tested where float32 would fail: with more
+than 2^24 entries per feature, and with a layer called several times per
+batch (a shared layer, a scan carry), whose calls all pool into one result.
 """
 
 import jax
@@ -17,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import bnjax
 from tests import references
+from tests.helpers import random_input, random_params
 
 # bnjax runs the forward pass in float32, the reference in float64. Each
 # BatchNorm input is a float32 dot product (<= 36 terms of size O(1), error
@@ -269,25 +272,48 @@ def test_precise_stats_of_layers_stacked_for_scan_are_per_layer():
     np.testing.assert_array_equal(new_state.count, bn_state.count)
 
 
-def test_precise_stats_reject_a_function_jitted_before_the_call():
+def test_function_jitted_before_the_call_retraces_and_gives_precise_stats():
+    """A function the user jitted (and ran) on `BatchStats` is traced anew:
+    the state it gets inside `precise_batch_stats` is of another type."""
     rng = np.random.default_rng(8)
-    params, state = _dense_params(rng, [6, 8])
-    batches = _batches(rng, [4, 4], 6)
-    train_state = jax.jit(lambda s, x: _mlp(params, s, x, True)[1])
-    train_state(state, batches[0])  # traced (and cached) in ordinary training mode
+    params, state = _dense_params(rng, [6, 8, 5])
+    batches = _batches(rng, [4, 4, 4], 6)
+    traces = []
 
-    with pytest.raises(ValueError, match=r"\['bn0'\].*did not report.*already-jitted"):
-        bnjax.precise_batch_stats(train_state, state, batches)
+    def model_stats(s, x):
+        traces.append(jax.tree.structure(s))
+        return _mlp(params, s, x, True)[1]
+
+    jitted = jax.jit(model_stats)
+    jitted(state, batches[0])  # traced and cached in ordinary training mode
+
+    new_state = bnjax.precise_batch_stats(jitted, state, batches)
+
+    _assert_precise(new_state, _mlp_reference(params, batches))
+    assert len(set(traces)) == 2  # once for BatchStats, once for the collecting type
 
 
 def test_precise_stats_reject_a_batchnorm_run_in_eval_mode():
     rng = np.random.default_rng(9)
     params, state = _dense_params(rng, [6, 8])
 
-    with pytest.raises(ValueError, match="training mode"):
+    with pytest.raises(ValueError, match="`train` must be True"):
         bnjax.precise_batch_stats(
             lambda s, b: _mlp(params, s, b, False)[1], state, _batches(rng, [4], 6)
         )
+
+
+def test_precise_stats_reject_a_layer_that_is_never_called_naming_it():
+    rng = np.random.default_rng(13)
+    params, state = _dense_params(rng, [6, 8, 5])
+    state = {**state, "unused": bnjax.batchnorm_init(5)[1]}
+
+    def stats_fn(s, x):
+        new_state = _mlp(params, {k: s[k] for k in ("bn0", "bn1")}, x, True)[1]
+        return {**new_state, "unused": s["unused"]}
+
+    with pytest.raises(ValueError, match=r"\['unused'\].*not called"):
+        bnjax.precise_batch_stats(stats_fn, state, _batches(rng, [4, 6], 6))
 
 
 def test_precise_stats_reject_empty_batches_and_states_without_batchnorm():
@@ -343,3 +369,108 @@ def test_precise_stats_of_batch_renorm_layers_use_the_given_running_stats_per_ba
         h = references.batchrenorm(h, bn.scale, bn.bias, s.mean, s.var, r_max=1.5, d_max=0.5)[0]
         inputs["bn1"].append(np.maximum(h, 0) @ np.asarray(params["w1"], np.float64))
     _assert_precise(new_state, {n: (np.concatenate(v), None) for n, v in inputs.items()})
+
+
+# --- a layer called several times pools over all of its calls ------------------
+
+
+def test_precise_stats_of_a_layer_applied_twice_pool_both_calls():
+    """One BatchNorm, its state threaded through two calls per batch (to `x`
+    and to `2 x + 1`): its statistics are those of all six inputs together."""
+    rng = np.random.default_rng(14)
+    params = random_params(rng, (2,))
+    _, state = bnjax.batchnorm_init(2)
+    batches = [jnp.asarray(random_input(rng, (n, 2)) + i) for i, n in enumerate([5, 8, 6])]
+
+    def stats_fn(s, x):
+        _, s = bnjax.batchnorm_apply(params, s, x, True)
+        _, s = bnjax.batchnorm_apply(params, s, 2 * x + 1, True)
+        return s
+
+    new_state = bnjax.precise_batch_stats(stats_fn, state, batches)
+
+    first = [np.asarray(x, np.float64) for x in batches]
+    second = [2 * x + 1 for x in first]
+    mean, var = _pooled(np.concatenate(first + second))
+    np.testing.assert_allclose(new_state.mean, mean, **PRECISE_TOL)
+    np.testing.assert_allclose(new_state.var, var, **PRECISE_TOL)
+    # The data discriminate: the last call's inputs alone (what a state that
+    # kept only one call per batch would report) have other statistics.
+    last_mean, last_var = _pooled(np.concatenate(second))
+    assert np.min(np.abs(last_mean - mean)) > 0.1 and np.min(np.abs(last_var - var)) > 0.1
+    assert int(new_state.count) == int(state.count)
+
+
+def test_precise_stats_of_a_layer_in_a_scan_carry_pool_every_step():
+    """A recurrent block: one BatchNorm whose state rides in a `lax.scan` carry
+    is called at each of 3 steps, and pools the inputs of all of them."""
+    rng = np.random.default_rng(15)
+    width, steps = 4, 3
+    kernel = jnp.asarray(rng.normal(size=(width, width)), jnp.float32)
+    params = random_params(rng, (width,))
+    _, state = bnjax.batchnorm_init(width)
+    batches = _batches(rng, [6, 9], width)
+
+    def stats_fn(s, x):
+        def step(carry, _):
+            h, s = carry
+            z = jnp.tanh(jnp.dot(h, kernel, precision=lax.Precision.HIGHEST))
+            h, s = bnjax.batchnorm_apply(params, s, z, True)
+            return (h, s), None
+
+        (_, s), _ = lax.scan(step, (x, s), length=steps)
+        return s
+
+    new_state = bnjax.precise_batch_stats(stats_fn, state, batches)
+
+    inputs = []
+    for x in batches:
+        h = np.asarray(x, np.float64)
+        for _ in range(steps):
+            z = np.tanh(h @ np.asarray(kernel, np.float64))
+            inputs.append(z)
+            h = references.batchnorm(z, params.scale, params.bias)[0]
+    mean, var = _pooled(np.concatenate(inputs))
+    np.testing.assert_allclose(new_state.mean, mean, **PRECISE_TOL)
+    np.testing.assert_allclose(new_state.var, var, **PRECISE_TOL)
+
+
+# --- counts stay exact beyond float32's integers -------------------------------
+
+# (entries per feature as rows x columns, value): constant batches, so each
+# batch's mean (+-1) and variance (0) are exact in float32, and the pooled
+# mean, 1 / (2^25 + 3), rests on the exact counts alone.
+HUGE_BATCHES = [((4095, 4097), 1.0), ((24929, 673), -1.0), ((3, 1), 1.0)]
+
+
+def test_precise_stats_count_entries_exactly_beyond_two_to_the_24():
+    """A feature sees 2^25 + 3 entries: float32 cannot count them (2^24 + 1
+    rounds to 2^24), and a count off by one here moves the mean by half."""
+    _, state = bnjax.batchnorm_init(1)
+    params = bnjax.NormParams(None, None)
+    # Each batch is built inside `stats_fn` from small arrays (its values and
+    # a row of zeros that fixes the number of columns), so nothing large
+    # crosses to the device.
+    batches = [
+        (jnp.full((rows, 1, 1), value, jnp.float32), jnp.zeros((1, columns, 1), jnp.float32))
+        for (rows, columns), value in HUGE_BATCHES
+    ]
+
+    def stats_fn(s, batch):
+        values, columns = batch
+        return bnjax.batchnorm_apply(params, s, values + columns, True)[1]
+
+    new_state = bnjax.precise_batch_stats(stats_fn, state, batches)
+
+    counts = np.asarray([rows * columns for (rows, columns), _ in HUGE_BATCHES], np.float64)
+    values = np.asarray([value for _, value in HUGE_BATCHES], np.float64)
+    assert counts.sum() > 2**24
+    mean = (counts * values).sum() / counts.sum()
+    var = (counts * (values - mean) ** 2).sum() / counts.sum()
+    np.testing.assert_allclose(new_state.mean, [mean], **PRECISE_TOL)
+    np.testing.assert_allclose(new_state.var, [var], rtol=PRECISE_TOL["rtol"], atol=0)
+    # float32 counts would visibly fail: the same merge with the counts
+    # rounded to float32 gives twice the mean.
+    rounded = counts.astype(np.float32).astype(np.float64)
+    float32_mean = (rounded * values).sum() / rounded.sum()
+    assert abs(float32_mean - mean) > 0.5 * abs(mean)

@@ -36,3 +36,29 @@ LARGE_MEAN_TOL = 1e-3
 # a margin of ~500 over that, and is still far below the O(1) differences a
 # wrong gradient (e.g. one taken through Batch Renorm's r and d) makes.
 FINITE_DIFFERENCE_TOL = {"rtol": 1e-6, "atol": 1e-6}
+# `jax.test_util.check_grads` in float64 (to second order, forward and
+# reverse mode) on smooth O(1) losses: its central differences of step 1e-3
+# (its default) agree with the exact derivatives to ~h^2 |f'''| ~ 1e-6, and
+# 1e-5, check_grads' own default for float64, leaves a margin of 10.
+CHECK_GRADS_TOL = {"rtol": 1e-5, "atol": 1e-5}
+REAL_SIZE_TOL = {"float32": {"rtol": 1e-5, "atol": 1e-5}, "bfloat16": TOL["bfloat16"]}
+REAL_SIZE_GRAD_TOL = {
+    "float32": {"dx": 1e-5, "dparams": 1e-5},
+    "bfloat16": {"dx": 1e-2, "dparams": 1e-5},
+}
+REAL_SIZE_CHECK_GRADS_TOL = {"atol": 1e-5, "rtol": 1e-5}
+# Synchronized BatchNorm in float32 across up to 8 devices against float64
+# numpy, values of order 1-10 (each device's shard offset differently, by up
+# to +-7), statistics over <= 256 entries per feature: the reductions err by
+# ~log2(n) * eps32 ~ 1e-6 relative, and pooling across devices (each
+# device's mean taken relative to the pooled one, the spread of the device
+# means added back) loses at most another factor ~10. 2e-5 keeps a margin of
+# 2 over that. (test_sync.py, test_multihost.py)
+SYNC_TOL = {"rtol": 2e-5, "atol": 2e-5}
+# Gradients of sum(y * dy) through synchronized statistics over n <= 256
+# entries per feature: dx is a difference of terms of size ~n |dy| / sigma
+# that cancel to O(|dy|), and dscale, dbias sum n products, so float32
+# rounding shows at ~n * eps32 ~ 3e-5 relative to the terms; 1e-4 keeps a
+# margin of 3. (test_sync.py, test_multihost.py)
+SYNC_GRAD_TOL = {"rtol": 1e-4, "atol": 1e-4}
+LARGE_MEAN_OFFSET_TOL = 4 * 2**-10

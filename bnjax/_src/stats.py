@@ -262,7 +262,7 @@ def _pool_sums(
         jnp.sum(weight * parts.var, axes, keepdims=True),
     )
     if axis_name is not None:
-        sums = lax.psum(sums, axis_name)
+        sums = _psum_with_count(*sums, axis_name=axis_name)
     total, weighted_means, weighted_vars = sums
     safe_total = jnp.maximum(total, 1).astype(dtype)
     mean = weighted_means / safe_total
@@ -279,6 +279,32 @@ def _pool_sums(
     if axis_name is not None:
         spread = lax.psum(spread, axis_name)
     return Moments(mean, (weighted_vars + spread) / safe_total, total)
+
+
+# The count crosses devices as two float parts, `count // _SPLIT` and
+# `count % _SPLIT`, each summed exactly in float32: the first stays below
+# 2^31 / _SPLIT = 2^21 for any int32 total, the second below 2^24 for up to
+# 2^24 / _SPLIT = 16384 devices.
+_SPLIT = 2**10
+
+
+def _psum_with_count(
+    count: jax.Array, *values: jax.Array, axis_name: AxisName
+) -> tuple[jax.Array, ...]:
+    """`psum` of an int32 `count` and float `values` as one all-reduce, the count exact.
+
+    `lax.psum` of several arrays makes one collective per array, so all of
+    them travel flattened into one float array.
+    """
+    dtype = values[0].dtype
+    parts = (count // _SPLIT, count % _SPLIT, *values)
+    flat = jnp.concatenate([p.astype(dtype).reshape(-1) for p in parts])
+    flat = lax.psum(flat, axis_name)
+    sizes = np.cumsum([p.size for p in parts])[:-1]
+    high, low, *totals = (
+        piece.reshape(p.shape) for piece, p in zip(jnp.split(flat, sizes), parts, strict=True)
+    )
+    return (high.astype(jnp.int32) * _SPLIT + low.astype(jnp.int32), *totals)
 
 
 def normalize(
