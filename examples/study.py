@@ -7,8 +7,8 @@ and of Ioffe & Szegedy's Figure 1 (training loss per step with and without
 BatchNorm). Every configuration trains for the same number of epochs with
 SGD (`training.py`), the learning rate scaled linearly with the batch size.
 For the BatchNorm family the test error is measured twice: with the running
-statistics gathered during training, and (when `bnjax.precise_batch_stats`
-exists) with statistics re-estimated exactly over the training set.
+statistics gathered during training, and with statistics re-estimated
+exactly over the training set (`bnjax.precise_batch_stats`).
 
 The normalizers: none (a per-channel bias in its place); BatchNorm; ghost
 BatchNorm, with statistics per group of 4 examples (at batch 2, the whole
@@ -122,11 +122,11 @@ def score_seeds(
 
     Returns:
       `(running, precise)`, one error in [0, 1] per seed; `precise` is None
-      outside the BatchNorm family or without `bnjax.precise_batch_stats`.
+      outside the BatchNorm family.
     """
     score = jax.jit(lambda params, states: error_rate(norm, params, states, *test))
     running = [float(score(t.params, t.states)) for t in trained]
-    if not (has_batch_stats(trained[0].states) and hasattr(bnjax, "precise_batch_stats")):
+    if not has_batch_stats(trained[0].states):
         return running, None
     precise = []
     for t in trained:
@@ -212,7 +212,6 @@ def environment() -> dict[str, Any]:
         bnjax=bnjax.__version__,
         python=sys.version.split()[0],
         device=f"CPU, {os.cpu_count()} cores" if device.platform == "cpu" else device.device_kind,
-        precise_batch_stats=hasattr(bnjax, "precise_batch_stats"),
     )
 
 

@@ -131,6 +131,17 @@ def _weights(x, mask):
     return np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
 
 
+def full_mask(mask, shape):
+    """SPEC's mask rule in numpy: the boolean `mask` broadcast to `shape`.
+
+    A mask with fewer axes than `shape` is aligned with its leading axes: it
+    gets trailing axes of size 1, and then numpy's broadcasting applies
+    (`(N,)` on `(N, H, W, C)` is `(N, 1, 1, 1)`).
+    """
+    mask = np.asarray(mask, bool)
+    return np.broadcast_to(mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim)), shape)
+
+
 def _weighted_moments(x, weights, axes):
     """Mean and biased variance over `axes` of the entries with weight 1."""
     count = weights.sum(axis=axes, keepdims=True)
@@ -264,3 +275,111 @@ def conv(x, kernel):
     )
     # patches: (N, *spatial, C_in, *window), contracted with the kernel's (*window, C_in).
     return np.tensordot(patches, kernel, axes=(list(range(-d - 1, 0)), [d, *range(d)]))
+
+
+# --- closed-form gradients -------------------------------------------------------
+# The vjps of `sum(y * cotangent)` for the normalizers above, written out in
+# float64 (no autodiff), each entry of `x` counted once whether masked or not.
+
+
+def _standardized_vjp(x, weights, cotangent, axes, epsilon):
+    """`xhat = (x - mean) / sigma` over `axes` and the vjp of `sum(xhat * cotangent)`.
+
+    With `n` the count of entries with weight 1 and the sums over every entry
+    of `axes` (a masked entry's output depends on the statistics too):
+    `dx = (cotangent - w * (sum(cotangent) + xhat * sum(cotangent * xhat)) / n) / sigma`.
+    A masked entry (`w = 0`) keeps only `cotangent / sigma`.
+    """
+    mean, var = _weighted_moments(x, weights, axes)
+    count = weights.sum(axis=axes, keepdims=True)
+    sigma = np.sqrt(var + epsilon)
+    xhat = (x - mean) / sigma
+    first = cotangent.sum(axis=axes, keepdims=True) / count
+    second = (cotangent * xhat).sum(axis=axes, keepdims=True) / count
+    return xhat, (cotangent - weights * (first + xhat * second)) / sigma
+
+
+def _per_feature(values, axis):
+    """`values` reduced over every axis but `axis`, as a 1-D array."""
+    return values.sum(axis=tuple(a for a in range(values.ndim) if a != axis))
+
+
+def batchnorm_grads(x, scale, cotangent, *, axis=-1, epsilon=1e-5, mask=None, r=None, d=None):
+    """Training-mode BatchNorm's `(dx, dscale, dbias)` of `sum(y * cotangent)`, float64.
+
+    With `r` and `d` (shape `(C,)`, held constant) this is Batch Renorm's:
+    `y = (xhat * r + d) * scale + bias`.
+    """
+    x = np.asarray(x, np.float64)
+    cotangent = np.asarray(cotangent, np.float64)
+    axis = axis % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    scale = np.asarray(scale, np.float64).reshape(shape)
+    r = 1.0 if r is None else np.asarray(r, np.float64).reshape(shape)
+    d = 0.0 if d is None else np.asarray(d, np.float64).reshape(shape)
+    reduced = tuple(a for a in range(x.ndim) if a != axis)
+    xhat, dx = _standardized_vjp(x, _weights(x, mask), cotangent * scale * r, reduced, epsilon)
+    return dx, _per_feature(cotangent * (xhat * r + d), axis), _per_feature(cotangent, axis)
+
+
+def layernorm_grads(x, scale, cotangent, *, axes=(-1,), epsilon=1e-5, mask=None):
+    """LayerNorm's `(dx, dscale, dbias)` of `sum(y * cotangent)`, float64; `scale`
+    has the normalized axes' shape, as do `dscale` and `dbias`."""
+    x = np.asarray(x, np.float64)
+    cotangent = np.asarray(cotangent, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    kept = tuple(a for a in range(x.ndim) if a not in axes)
+    scale = np.asarray(scale, np.float64).reshape(
+        [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+    )
+    xhat, dx = _standardized_vjp(x, _weights(x, mask), cotangent * scale, axes, epsilon)
+    return dx, (cotangent * xhat).sum(axis=kept), cotangent.sum(axis=kept)
+
+
+def rmsnorm_grads(x, scale, cotangent, *, axes=(-1,), epsilon=1e-6, mask=None):
+    """RMSNorm's `(dx, dscale)` of `sum(y * cotangent)`, float64.
+
+    With `r = (mean(w x^2) + epsilon)^(-1/2)` over `axes`, `n` the count and
+    `c = cotangent * scale`: `dx = r * (c - w * x * r^2 * sum(c * x) / n)`.
+    """
+    x = np.asarray(x, np.float64)
+    cotangent = np.asarray(cotangent, np.float64)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    kept = tuple(a for a in range(x.ndim) if a not in axes)
+    scale = np.asarray(scale, np.float64).reshape(
+        [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+    )
+    w = _weights(x, mask)
+    count = w.sum(axis=axes, keepdims=True)
+    r = 1 / np.sqrt((w * x**2).sum(axis=axes, keepdims=True) / count + epsilon)
+    c = cotangent * scale
+    dx = r * (c - w * x * r**2 * (c * x).sum(axis=axes, keepdims=True) / count)
+    return dx, (cotangent * x * r).sum(axis=kept)
+
+
+def groupnorm_grads(x, scale, cotangent, *, num_groups, axis=-1, epsilon=1e-5, mask=None):
+    """GroupNorm's `(dx, dscale, dbias)` of `sum(y * cotangent)`, float64.
+
+    The channels-last view of `x` is split into `(..., num_groups, C // num_groups)`
+    and each example and group standardized over all its entries.
+    """
+    x = np.asarray(x, np.float64)
+    axis = axis % x.ndim
+    xl = np.moveaxis(x, axis, -1)
+    channels = xl.shape[-1]
+    grouped = (*xl.shape[:-1], num_groups, channels // num_groups)
+    cl = np.moveaxis(np.asarray(cotangent, np.float64), axis, -1)
+    wl = np.moveaxis(_weights(x, mask), axis, -1)
+    c = cl * np.asarray(scale, np.float64)
+    reduced = (*range(1, xl.ndim - 1), xl.ndim)
+    xhat, dx = _standardized_vjp(
+        xl.reshape(grouped), wl.reshape(grouped), c.reshape(grouped), reduced, epsilon
+    )
+    xhat = xhat.reshape(xl.shape)
+    per_channel = tuple(range(xl.ndim - 1))
+    return (
+        np.moveaxis(dx.reshape(xl.shape), -1, axis),
+        (cl * xhat).sum(axis=per_channel),
+        cl.sum(axis=per_channel),
+    )

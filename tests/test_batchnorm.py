@@ -11,6 +11,7 @@ import pytest
 
 import bnjax
 from tests import references
+from tests.helpers import random_input, random_mask, random_params
 from tests.tolerances import GRAD_TOL, LARGE_MEAN_TOL, TOL
 
 # (shape, feature axis) for every layout the tests run over.
@@ -23,18 +24,6 @@ LAYOUTS = [
     ((2, 2, 3, 4, 3), 1),
 ]
 LAYOUT_IDS = ["NC", "NTC", "NHWC", "NDHWC", "NCHW", "NCDHW"]
-
-
-def _random_params(rng, num_features):
-    """Float32 non-trivial affine parameters: scale away from 1, bias away from 0."""
-    scale = rng.uniform(0.5, 2.0, num_features) * rng.choice([-1.0, 1.0], num_features)
-    bias = rng.normal(size=num_features)
-    return bnjax.NormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
-
-
-def _random_input(rng, shape, dtype=np.float32):
-    """Normal values with mean 0.7 and std 1.5: O(1), and not centred."""
-    return (rng.normal(size=shape) * 1.5 + 0.7).astype(dtype)
 
 
 def _feature_axis_last(x, axis):
@@ -50,8 +39,8 @@ NUMPY_ML_IDS = ["BatchNorm1D-NC", "BatchNorm2D-NHWC"]
 @pytest.mark.parametrize("name, shape", NUMPY_ML_CASES, ids=NUMPY_ML_IDS)
 def test_train_output_matches_numpy_ml(name, shape):
     rng = np.random.default_rng(0)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[-1])
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[-1])
     layer = references.numpy_ml_layer(name, shape, params.scale, params.bias)
     state = bnjax.batchnorm_init(shape[-1])[1]
 
@@ -64,11 +53,11 @@ def test_train_output_matches_numpy_ml(name, shape):
 @pytest.mark.parametrize("name, shape", NUMPY_ML_CASES, ids=NUMPY_ML_IDS)
 def test_running_stats_match_numpy_ml_after_several_batches(name, shape, momentum):
     rng = np.random.default_rng(1)
-    params = _random_params(rng, shape[-1])
+    params = random_params(rng, shape[-1])
     layer = references.numpy_ml_layer(name, shape, params.scale, params.bias, momentum=momentum)
     state = bnjax.batchnorm_init(shape[-1])[1]
     for step in range(4):
-        x = (_random_input(rng, shape) * (step + 1)).astype(np.float32)
+        x = (random_input(rng, shape) * (step + 1)).astype(np.float32)
         _, state = bnjax.batchnorm_apply(params, state, jnp.asarray(x), True, momentum=momentum)
         layer.forward(x.astype(np.float64))
 
@@ -79,9 +68,9 @@ def test_running_stats_match_numpy_ml_after_several_batches(name, shape, momentu
 @pytest.mark.parametrize("name, shape", NUMPY_ML_CASES, ids=NUMPY_ML_IDS)
 def test_gradients_match_numpy_ml_backward(name, shape):
     rng = np.random.default_rng(2)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     dy = rng.normal(size=shape).astype(np.float32)
-    params = _random_params(rng, shape[-1])
+    params = random_params(rng, shape[-1])
     state = bnjax.batchnorm_init(shape[-1])[1]
     layer = references.numpy_ml_layer(name, shape, params.scale, params.bias)
     layer.forward(x.astype(np.float64))
@@ -132,9 +121,9 @@ def test_init_without_scale_or_bias_gives_none_fields(use_scale, use_bias):
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
 def test_train_output_matches_float64_reference(shape, axis):
     rng = np.random.default_rng(3)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     num_features = shape[axis]
-    params = _random_params(rng, num_features)
+    params = random_params(rng, num_features)
     state = bnjax.batchnorm_init(num_features)[1]
 
     y, _ = bnjax.batchnorm_apply(params, state, jnp.asarray(x), True, axis=axis)
@@ -147,9 +136,9 @@ def test_train_output_matches_float64_reference(shape, axis):
 @pytest.mark.parametrize("shape, axis", [LAYOUTS[1], LAYOUTS[4]], ids=["NTC", "NCHW"])
 def test_float64_train_output_matches_float64_reference(x64, shape, axis):
     rng = np.random.default_rng(3)
-    x = _random_input(rng, shape, np.float64)
+    x = random_input(rng, shape, np.float64)
     num_features = shape[axis]
-    params = _random_params(rng, num_features)
+    params = random_params(rng, num_features)
     state = bnjax.batchnorm_init(num_features)[1]
 
     y, _ = bnjax.batchnorm_apply(params, state, jnp.asarray(x), True, axis=axis)
@@ -164,8 +153,8 @@ def test_epsilon_is_added_to_the_variance(train):
     rng = np.random.default_rng(30)
     shape, axis = LAYOUTS[4]
     # Spread 0.01 (variance 1e-4): epsilon = 1e-3 dominates the denominator.
-    x = (_random_input(rng, shape) * 0.01).astype(np.float32)
-    params = _random_params(rng, shape[axis])
+    x = (random_input(rng, shape) * 0.01).astype(np.float32)
+    params = random_params(rng, shape[axis])
     state = _running_state(rng, shape[axis])
     state = state._replace(var=state.var * 1e-4)
 
@@ -190,10 +179,10 @@ def test_train_output_without_scale_or_bias_matches_float64_reference(
     shape, axis, use_scale, use_bias
 ):
     rng = np.random.default_rng(4)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     num_features = shape[axis]
     state = bnjax.batchnorm_init(num_features)[1]
-    random = _random_params(rng, num_features)
+    random = random_params(rng, num_features)
     params = bnjax.NormParams(
         random.scale if use_scale else None, random.bias if use_bias else None
     )
@@ -208,7 +197,7 @@ def test_train_output_without_scale_or_bias_matches_float64_reference(
 def test_constant_channel_gives_bias(shape, axis):
     rng = np.random.default_rng(5)
     num_features = shape[axis]
-    params = _random_params(rng, num_features)
+    params = random_params(rng, num_features)
     state = bnjax.batchnorm_init(num_features)[1]
     levels = np.array([3.25, -1e4, 0.0])[:num_features].reshape(
         [num_features if a == axis % len(shape) else 1 for a in range(len(shape))]
@@ -236,9 +225,9 @@ def _running_state(rng, num_features, dtype=jnp.float32):
 @pytest.mark.parametrize("shape, axis", LAYOUTS, ids=LAYOUT_IDS)
 def test_eval_output_matches_float64_reference_with_running_stats(shape, axis):
     rng = np.random.default_rng(6)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     num_features = shape[axis]
-    params = _random_params(rng, num_features)
+    params = random_params(rng, num_features)
     state = _running_state(rng, num_features)
 
     y, _ = bnjax.batchnorm_apply(params, state, jnp.asarray(x), False, axis=axis)
@@ -252,8 +241,8 @@ def test_eval_output_matches_float64_reference_with_running_stats(shape, axis):
 def test_eval_output_matches_frozen_numpy_ml_layer():
     rng = np.random.default_rng(7)
     shape = (3, 4, 5, 3)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[-1])
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[-1])
     state = _running_state(rng, shape[-1])
     layer = references.numpy_ml_layer("BatchNorm2D", shape, params.scale, params.bias)
     layer.parameters["running_mean"] = np.asarray(state.mean, np.float64)
@@ -267,8 +256,8 @@ def test_eval_output_matches_frozen_numpy_ml_layer():
 
 def test_eval_returns_state_unchanged():
     rng = np.random.default_rng(8)
-    x = _random_input(rng, (3, 4, 5, 3))
-    params = _random_params(rng, 3)
+    x = random_input(rng, (3, 4, 5, 3))
+    params = random_params(rng, 3)
     state = _running_state(rng, 3)
 
     _, new_state = bnjax.batchnorm_apply(params, state, jnp.asarray(x), False)
@@ -281,13 +270,13 @@ def test_eval_returns_state_unchanged():
 
 @pytest.mark.parametrize(
     "shape, axis, mask_shape",
-    [((16, 3), -1, (16,)), ((3, 4, 5, 3), -1, (3, 4, 5)), ((3, 2, 4, 5), 1, (3, 1, 1))],
-    ids=["NC-(N,)", "NHWC-(N,H,W)", "NCHW-(N,1,1)"],
+    [((16, 3), -1, (16,)), ((3, 4, 5, 3), -1, (3, 4, 5)), ((3, 2, 4, 5), 1, (3, 1, 1, 1))],
+    ids=["NC-(N,)", "NHWC-(N,H,W)", "NCHW-(N,1,1,1)"],
 )
 def test_eval_ignores_mask(shape, axis, mask_shape):
     rng = np.random.default_rng(9)
-    x = jnp.asarray(_random_input(rng, shape))
-    params = _random_params(rng, shape[axis])
+    x = jnp.asarray(random_input(rng, shape))
+    params = random_params(rng, shape[axis])
     state = _running_state(rng, shape[axis])
     mask = np.zeros(mask_shape, bool)
     mask.flat[::2] = True
@@ -305,7 +294,7 @@ def test_eval_ignores_mask(shape, axis, mask_shape):
 
 def _batches(rng, shape, k):
     """k batches whose statistics differ from step to step."""
-    return [(_random_input(rng, shape) * (1 + step) + step).astype(np.float32) for step in range(k)]
+    return [(random_input(rng, shape) * (1 + step) + step).astype(np.float32) for step in range(k)]
 
 
 def _batch_stats(x, axis=-1):
@@ -365,9 +354,9 @@ def test_count_increments_by_one_per_training_call_and_is_int32(momentum):
 def test_eval_does_not_increment_count():
     rng = np.random.default_rng(13)
     params, state = bnjax.batchnorm_init(3)
-    _, state = bnjax.batchnorm_apply(params, state, jnp.asarray(_random_input(rng, (8, 3))), True)
+    _, state = bnjax.batchnorm_apply(params, state, jnp.asarray(random_input(rng, (8, 3))), True)
 
-    _, state = bnjax.batchnorm_apply(params, state, jnp.asarray(_random_input(rng, (8, 3))), False)
+    _, state = bnjax.batchnorm_apply(params, state, jnp.asarray(random_input(rng, (8, 3))), False)
 
     assert int(state.count) == 1
 
@@ -408,7 +397,7 @@ def test_momentum_zero_gives_last_batch_statistics():
 def test_momentum_one_keeps_running_statistics():
     rng = np.random.default_rng(16)
     shape, axis = LAYOUTS[2]
-    params = _random_params(rng, shape[axis])
+    params = random_params(rng, shape[axis])
     state = _running_state(rng, shape[axis])
     new_state = state
     for x in _batches(rng, shape, 3):
@@ -422,41 +411,46 @@ def test_momentum_one_keeps_running_statistics():
 
 # --- Masks --------------------------------------------------------------------
 
-# (x shape, feature axis, mask shape); the masks broadcast (numpy rules) to x
-# without its feature axis.
+# (x shape, feature axis, mask shape), by SPEC's mask rule: a lower-rank mask
+# is aligned with x's leading axes and must stop before the feature axis; a
+# mask of x's rank has size 1 on the feature axis.
 MASK_CASES = [
     ((12, 3), -1, (12,)),
     ((4, 3, 5, 2), -1, (4, 1, 1)),
     ((4, 3, 5, 2), -1, (4, 3, 5)),
-    ((4, 2, 3, 5), 1, (4, 1, 1)),
-    ((4, 2, 3, 5), 1, (4, 3, 5)),
+    ((4, 2, 3, 5), 1, (4, 1, 1, 1)),
+    ((4, 2, 3, 5), 1, (4, 1, 3, 5)),
+    ((4, 2, 3, 5), 1, (4,)),
 ]
-MASK_IDS = ["NC-(N,)", "NHWC-(N,1,1)", "NHWC-(N,H,W)", "NCHW-(N,1,1)", "NCHW-(N,H,W)"]
+MASK_IDS = [
+    "NC-(N,)",
+    "NHWC-(N,1,1)",
+    "NHWC-(N,H,W)",
+    "NCHW-(N,1,1,1)",
+    "NCHW-(N,1,H,W)",
+    "NCHW-(N,)",
+]
 
 
-def _random_mask(rng, mask_shape):
-    """About 60% True, the first entry False, at least two True."""
-    mask = rng.random(mask_shape) < 0.6
-    mask.flat[0] = False
-    mask.flat[-2:] = True
-    return mask
+def _unmasked_entries(mask, x_shape, axis):
+    """Where an entry counts, feature axis removed: boolean of x's shape without `axis`."""
+    return np.take(references.full_mask(mask, x_shape), 0, axis=axis)
 
 
 def _split_by_mask(x, axis, mask):
     """Entries of x as (M, C) rows, feature axis last: (unmasked, masked)."""
     x_last = _feature_axis_last(x, axis)
-    full = np.broadcast_to(mask, x_last.shape[:-1])
-    return x_last[full], x_last[~full]
+    unmasked = _unmasked_entries(mask, np.shape(x), axis)
+    return x_last[unmasked], x_last[~unmasked]
 
 
 def _masked_case(seed, shape, axis, mask_shape):
     rng = np.random.default_rng(seed)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     # Masked-out entries hold values far from the others: they must not leak in.
-    mask = _random_mask(rng, mask_shape)
-    x_last = np.moveaxis(x, axis, -1)
-    x_last[~np.broadcast_to(mask, x_last.shape[:-1])] *= 50.0
-    params = _random_params(rng, shape[axis])
+    mask = random_mask(rng, mask_shape)
+    np.moveaxis(x, axis, -1)[~_unmasked_entries(mask, shape, axis)] *= 50.0
+    params = random_params(rng, shape[axis])
     return x, mask, params
 
 
@@ -511,8 +505,8 @@ def test_fully_masked_batch_leaves_running_state_and_count_unchanged(
     shape, axis, mask_shape, momentum
 ):
     rng = np.random.default_rng(20)
-    x = jnp.asarray(_random_input(rng, shape))
-    params = _random_params(rng, shape[axis])
+    x = jnp.asarray(random_input(rng, shape))
+    params = random_params(rng, shape[axis])
     state = _running_state(rng, shape[axis])
 
     _, new_state = bnjax.batchnorm_apply(
@@ -527,8 +521,8 @@ def test_fully_masked_batch_leaves_running_state_and_count_unchanged(
 @pytest.mark.parametrize("shape, axis, mask_shape", MASK_CASES[::2], ids=MASK_IDS[::2])
 def test_fully_masked_batch_gives_finite_output(shape, axis, mask_shape):
     rng = np.random.default_rng(21)
-    x = jnp.asarray(_random_input(rng, shape))
-    params = _random_params(rng, shape[axis])
+    x = jnp.asarray(random_input(rng, shape))
+    params = random_params(rng, shape[axis])
     state = bnjax.batchnorm_init(shape[axis])[1]
 
     y, _ = bnjax.batchnorm_apply(params, state, x, True, axis=axis, mask=np.zeros(mask_shape, bool))
@@ -617,7 +611,7 @@ LOW_PRECISION_IDS = ["bfloat16", "float16"]
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_low_precision_input_gives_output_of_input_dtype_and_float32_state(dtype, train):
     rng = np.random.default_rng(25)
-    x = jnp.asarray(_random_input(rng, (4, 3, 5, 3)), dtype)
+    x = jnp.asarray(random_input(rng, (4, 3, 5, 3)), dtype)
     params, state = bnjax.batchnorm_init(3)
 
     y, new_state = bnjax.batchnorm_apply(params, state, x, train)
@@ -634,8 +628,8 @@ def test_low_precision_input_gives_output_of_input_dtype_and_float32_state(dtype
 )
 def test_low_precision_output_matches_float64_reference_on_rounded_input(shape, axis, dtype):
     rng = np.random.default_rng(26)
-    x = jnp.asarray(_random_input(rng, shape), dtype)
-    params = _random_params(rng, shape[axis])
+    x = jnp.asarray(random_input(rng, shape), dtype)
+    params = random_params(rng, shape[axis])
     state = bnjax.batchnorm_init(shape[axis])[1]
 
     y, _ = bnjax.batchnorm_apply(params, state, x, True, axis=axis)
@@ -650,7 +644,7 @@ def test_low_precision_statistics_are_accumulated_in_float32(dtype):
     rng = np.random.default_rng(27)
     # 4096 entries per channel: a bfloat16/float16 accumulator would be off by
     # far more than the float32 tolerance.
-    x = jnp.asarray(_random_input(rng, (16, 16, 16, 2)) + 3.0, dtype)
+    x = jnp.asarray(random_input(rng, (16, 16, 16, 2)) + 3.0, dtype)
     params, state = bnjax.batchnorm_init(2)
 
     _, new_state = bnjax.batchnorm_apply(params, state, x, True, momentum=0.0)
@@ -666,7 +660,7 @@ def test_float16_input_around_300_does_not_overflow():
     # 4096 entries per channel around 300: their sum (~1.2e6) and the sum of
     # squared deviations exceed float16's largest value, 65504.
     x = jnp.asarray(300 + 30 * rng.normal(size=(16, 16, 16, 2)), jnp.float16)
-    params = _random_params(rng, 2)
+    params = random_params(rng, 2)
     state = bnjax.batchnorm_init(2)[1]
 
     y, new_state = bnjax.batchnorm_apply(params, state, x, True, momentum=0.0)
@@ -682,7 +676,7 @@ def test_float16_input_around_300_does_not_overflow():
 def test_param_dtype_float64_gives_float64_params_and_state(x64):
     rng = np.random.default_rng(29)
     params, state = bnjax.batchnorm_init(3, param_dtype=jnp.float64)
-    x = _random_input(rng, (3, 4, 5, 3), np.float64)
+    x = random_input(rng, (3, 4, 5, 3), np.float64)
 
     y, new_state = bnjax.batchnorm_apply(params, state, jnp.asarray(x), True)
 

@@ -85,15 +85,42 @@ def test_integer_or_bool_input_is_type_error(dtype):
         bnjax.layernorm_apply(bnjax.layernorm_init(3), x)
 
 
-@pytest.mark.parametrize(
-    "mask_shape",
-    [(3,), (4, 3), (2, 4, 5)],
-    ids=["wrong-size", "includes-feature-axis", "too-many-axes"],
-)
-def test_batchnorm_mask_not_broadcastable_is_value_error(mask_shape):
-    x = jnp.ones((4, 5, 3))
-    with pytest.raises(ValueError, match=r"`mask` must be broadcastable to .*\(4, 5\)"):
-        _bn(x, mask=jnp.ones(mask_shape, bool))
+# (x shape, feature axis, mask shape, the message): every message names both shapes.
+MASK_ERROR_CASES = [
+    ((4, 5, 3), -1, (3,), r"`mask` must broadcast to `x`'s shape \(4, 5, 3\).*got shape \(3,\)"),
+    (
+        (4, 5, 3),
+        -1,
+        (4, 1, 3),
+        r"`mask` must broadcast to `x`'s shape \(4, 5, 3\).*size 1 on the feature axis, "
+        r"got shape \(4, 1, 3\)",
+    ),
+    (
+        (4, 5, 3),
+        -1,
+        (1, 4, 5, 3),
+        r"`mask` must have at most the rank of `x` \(shape \(4, 5, 3\)\), got shape \(1, 4, 5, 3\)",
+    ),
+    (
+        (4, 3, 5, 6),
+        1,
+        (4, 5, 6),
+        r"got shape \(4, 5, 6\) for `x` of shape \(4, 3, 5, 6\)\. Give the mask `x`'s rank, "
+        r"with size 1 on the feature axis, e.g\. \(4, 1, 5, 6\)",
+    ),
+]
+MASK_ERROR_IDS = [
+    "wrong-size",
+    "varies-along-feature-axis",
+    "too-many-axes",
+    "reaches-feature-axis",
+]
+
+
+@pytest.mark.parametrize("shape, axis, mask_shape, message", MASK_ERROR_CASES, ids=MASK_ERROR_IDS)
+def test_batchnorm_mask_not_broadcastable_is_value_error(shape, axis, mask_shape, message):
+    with pytest.raises(ValueError, match=message):
+        _bn(jnp.ones(shape), axis=axis, mask=jnp.ones(mask_shape, bool))
 
 
 def test_batchnorm_non_boolean_mask_is_type_error():

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import bnjax
+from tests.helpers import perturbed_params
+from tests.tolerances import CHECK_GRADS_TOL
 
 SHAPE = (4, 3, 3, 4)  # NHWC
 
@@ -48,26 +50,12 @@ CASE_IDS = [f"{n}-{'train' if t else 'eval'}" for n, t in CASES]
 JIT_TOL = dict(rtol=1e-6, atol=1e-6)
 # vmap batches the same reductions; XLA may still pick another reduction order.
 VMAP_TOL = JIT_TOL
-# Float64 central differences of step 1e-3 (check_grads' default) agree with
-# exact derivatives of these smooth O(1) functions to ~1e-6; 1e-5 is
-# check_grads' own default for float64.
-GRAD_TOL = dict(atol=1e-5, rtol=1e-5)
 # Three SGD steps in float32: the losses are O(1), and the decrease asserted
 # is strict, so no tolerance is needed there.
 
 
 def _input(shape=SHAPE, dtype=jnp.float32, seed=1):
     return (2.0 + 3.0 * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
-
-
-def _random_params(params, seed=0):
-    """Non-trivial scale and bias (where present), so their derivatives count."""
-    keys = iter(jax.random.split(jax.random.key(seed), 2))
-
-    def perturb(p):
-        return None if p is None else p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype)
-
-    return bnjax.NormParams(scale=perturb(params.scale), bias=perturb(params.bias))
 
 
 def _random_state(state):
@@ -85,7 +73,7 @@ def _random_state(state):
 def _setup(name, dtype=jnp.float32, shape=SHAPE, **hyper):
     norm = FACTORIES[name](param_dtype=dtype, **hyper)
     params, state = norm.init(shape)
-    return norm, _random_params(params), _random_state(state)
+    return norm, perturbed_params(params), _random_state(state)
 
 
 def _assert_trees_close(a, b, **tol):
@@ -120,7 +108,7 @@ def quick_compile():
     """Most XLA optimizations off, restored after: check_grads of order 2
     compiles about eight derivatives of a tiny function per case, and the
     compile time, not the run time, is the cost. The values are unchanged up
-    to rounding (float64), far below GRAD_TOL."""
+    to rounding (float64), far below CHECK_GRADS_TOL."""
     flag = "jax_disable_most_optimizations"
     old = jax.config.values[flag]
     jax.config.update(flag, True)
@@ -150,7 +138,7 @@ def test_derivatives_match_finite_differences_to_second_order(name, train, x64, 
         return jnp.sum(jnp.tanh(y) * weights)
 
     # jit: one compilation per derivative instead of op-by-op dispatch.
-    check_grads(jax.jit(loss), (params, x), order=2, modes=("fwd", "rev"), **GRAD_TOL)
+    check_grads(jax.jit(loss), (params, x), order=2, modes=("fwd", "rev"), **CHECK_GRADS_TOL)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
@@ -531,7 +519,7 @@ def test_a_constant_input_gives_bias(name, c, seed):
     with jax.enable_x64(True):
         norm = FACTORIES[name](param_dtype=jnp.float64)
         params, state = norm.init(SHAPE)
-        params = _random_params(params, seed % 1000)
+        params = perturbed_params(params, seed % 1000)
         y, _ = norm.apply(params, state, jnp.full(SHAPE, c, jnp.float64), True)
         y = np.asarray(y)
         scale = np.asarray(params.scale)

@@ -13,19 +13,8 @@ import torch.nn.functional as F
 
 import bnjax
 from tests import references
+from tests.helpers import random_input, random_mask, random_params
 from tests.tolerances import FINITE_DIFFERENCE_TOL, LARGE_MEAN_TOL, TOL
-
-
-def _random_params(rng, num_features, dtype=np.float32):
-    """Non-trivial affine parameters: |scale| in [0.5, 2] of either sign, bias O(1)."""
-    scale = rng.uniform(0.5, 2.0, num_features) * rng.choice([-1.0, 1.0], num_features)
-    bias = rng.normal(size=num_features)
-    return bnjax.NormParams(jnp.asarray(scale, dtype), jnp.asarray(bias, dtype))
-
-
-def _random_input(rng, shape, dtype=np.float32):
-    """Normal values with mean 0.7 and std 1.5: O(1), and not centred."""
-    return (rng.normal(size=shape) * 1.5 + 0.7).astype(dtype)
 
 
 def _jit(fn, *args, **kwargs):
@@ -89,8 +78,8 @@ def _assert_value_and_grads_match(ours, theirs, tol):
 
 def _float64_case(seed, shape, num_features):
     rng = np.random.default_rng(seed)
-    x = _random_input(rng, shape, np.float64)
-    params = _random_params(rng, num_features, np.float64)
+    x = random_input(rng, shape, np.float64)
+    params = random_params(rng, num_features, np.float64)
     dy = rng.normal(size=shape)
     return x, params, dy
 
@@ -143,7 +132,7 @@ def test_instancenorm_matches_torch_instance_norm_with_gradients(x64, shape):
 )
 def test_layernorm_matches_torch_layer_norm_with_gradients(x64, shape, normalized_shape):
     rng = np.random.default_rng(2)
-    x = _random_input(rng, shape, np.float64)
+    x = random_input(rng, shape, np.float64)
     dy = rng.normal(size=shape)
     params = bnjax.NormParams(
         jnp.asarray(rng.uniform(0.5, 2.0, normalized_shape)),
@@ -168,7 +157,7 @@ def test_layernorm_matches_torch_layer_norm_with_gradients(x64, shape, normalize
 )
 def test_rmsnorm_matches_torch_rms_norm_with_gradients(x64, shape, normalized_shape):
     rng = np.random.default_rng(3)
-    x = _random_input(rng, shape, np.float64)
+    x = random_input(rng, shape, np.float64)
     dy = rng.normal(size=shape)
     params = bnjax.NormParams(jnp.asarray(rng.uniform(0.5, 2.0, normalized_shape)), None)
     axes = tuple(range(-len(normalized_shape), 0))
@@ -242,8 +231,8 @@ GROUPNORM_IDS = ["NLC-G3", "NHWC-G4", "NHWC-G1", "NCHW-G2", "NDHWC-G2", "NCDHW-G
 @pytest.mark.parametrize("shape, axis, num_groups", GROUPNORM_CASES, ids=GROUPNORM_IDS)
 def test_groupnorm_matches_float64_reference(shape, axis, num_groups):
     rng = np.random.default_rng(10)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[axis])
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[axis])
 
     y = _jit(bnjax.groupnorm_apply, params, jnp.asarray(x), num_groups=num_groups, axis=axis)
 
@@ -260,8 +249,8 @@ def test_groupnorm_matches_float64_reference(shape, axis, num_groups):
 )
 def test_instancenorm_matches_float64_reference(shape, axis):
     rng = np.random.default_rng(11)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[axis])
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[axis])
 
     y = _jit(bnjax.instancenorm_apply, params, jnp.asarray(x), axis=axis)
 
@@ -276,7 +265,7 @@ def test_instancenorm_matches_float64_reference(shape, axis):
 )
 def test_rmsnorm_over_axis_tuple_matches_float64_reference(shape, axes):
     rng = np.random.default_rng(12)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     scale = rng.uniform(0.5, 2.0, [shape[a] for a in axes]).astype(np.float32)
     params = bnjax.NormParams(jnp.asarray(scale), None)
 
@@ -301,8 +290,8 @@ RENORM_IDS = ["unclipped", "unclipped-narrow", "clipped-up", "clipped-down", "r-
 def _renorm_case(seed, shape, offset_and_factor):
     """Input, params and running statistics at a given offset from the batch's."""
     rng = np.random.default_rng(seed)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[-1])
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[-1])
     offset, factor = offset_and_factor
     batch_mean = x.reshape(-1, shape[-1]).mean(axis=0)
     batch_var = x.reshape(-1, shape[-1]).var(axis=0)
@@ -442,8 +431,8 @@ GHOST_IDS = ["NC-v2", "NC-v4", "NTC-v3", "NCHW-v2"]
 def _ghost_training_step(seed, shape, axis, virtual_batch_size):
     """One jitted ghost-BatchNorm training call on random input: `(x, params, y, state)`."""
     rng = np.random.default_rng(seed)
-    x = _random_input(rng, shape)
-    params, state = _random_params(rng, shape[axis]), bnjax.batchnorm_init(shape[axis])[1]
+    x = random_input(rng, shape)
+    params, state = random_params(rng, shape[axis]), bnjax.batchnorm_init(shape[axis])[1]
     y, state = _jit(
         bnjax.batchnorm_apply,
         params,
@@ -495,8 +484,8 @@ def test_ghost_batchnorm_updates_running_stats_once_with_average_of_groups(
 )
 def test_groupnorm_with_one_group_is_layernorm_with_per_channel_affine(shape, axis):
     rng = np.random.default_rng(40)
-    x = jnp.asarray(_random_input(rng, shape))
-    params = _random_params(rng, shape[axis])
+    x = jnp.asarray(random_input(rng, shape))
+    params = random_params(rng, shape[axis])
     non_batch = tuple(range(1, len(shape)))
     unit = bnjax.layernorm_init(shape[1:], use_scale=False, use_bias=False)
     channel_shape = [1] * len(shape)
@@ -516,8 +505,8 @@ def test_groupnorm_with_one_group_is_layernorm_with_per_channel_affine(shape, ax
 )
 def test_groupnorm_with_one_group_per_channel_is_instancenorm(shape, axis):
     rng = np.random.default_rng(41)
-    x = jnp.asarray(_random_input(rng, shape))
-    params = _random_params(rng, shape[axis])
+    x = jnp.asarray(random_input(rng, shape))
+    params = random_params(rng, shape[axis])
 
     y = _jit(bnjax.groupnorm_apply, params, x, num_groups=shape[axis], axis=axis)
 
@@ -529,10 +518,10 @@ def test_groupnorm_with_one_group_per_channel_is_instancenorm(shape, axis):
 @pytest.mark.parametrize("shape", [(16, 3), (3, 4, 5, 3)], ids=["NC", "NHWC"])
 def test_batchrenorm_with_r_max_1_and_d_max_0_is_batchnorm_over_several_steps(shape):
     rng = np.random.default_rng(42)
-    params = _random_params(rng, shape[-1])
+    params = random_params(rng, shape[-1])
     renorm_state = batchnorm_state = _state(rng.normal(size=3), rng.uniform(0.2, 3.0, 3))
     for step in range(3):
-        x = jnp.asarray(_random_input(rng, shape) * (step + 1))
+        x = jnp.asarray(random_input(rng, shape) * (step + 1))
         y_renorm, renorm_state = _jit(
             bnjax.batchrenorm_apply, params, renorm_state, x, True, r_max=1.0, d_max=0.0
         )
@@ -546,8 +535,8 @@ def test_batchrenorm_with_r_max_1_and_d_max_0_is_batchnorm_over_several_steps(sh
 @pytest.mark.parametrize("shape, axis", [((8, 3), -1), ((4, 3, 2, 2), 1)], ids=["NC", "NCHW"])
 def test_ghost_batchnorm_with_one_group_is_batchnorm(shape, axis):
     rng = np.random.default_rng(43)
-    x = jnp.asarray(_random_input(rng, shape))
-    params, state = _random_params(rng, 3), bnjax.batchnorm_init(3)[1]
+    x = jnp.asarray(random_input(rng, shape))
+    params, state = random_params(rng, 3), bnjax.batchnorm_init(3)[1]
 
     y, ghost_state = _jit(
         bnjax.batchnorm_apply, params, state, x, True, axis=axis, virtual_batch_size=shape[0]
@@ -582,8 +571,8 @@ def _batchrenorm(params, state, x, axis):
 )
 def test_axis1_on_nchw_equals_axis_last_on_transposed_nhwc(apply):
     rng = np.random.default_rng(44)
-    x = _random_input(rng, (3, 4, 5, 2))
-    params = _random_params(rng, 4)
+    x = random_input(rng, (3, 4, 5, 2))
+    params = random_params(rng, 4)
     state = _state(rng.normal(size=4), rng.uniform(0.2, 3.0, 4))
 
     y, new_state = apply(params, state, jnp.asarray(x), 1)
@@ -597,23 +586,31 @@ def test_axis1_on_nchw_equals_axis_last_on_transposed_nhwc(apply):
 # --- Masks -----------------------------------------------------------------
 
 
-def _random_mask(rng, shape):
-    """A random boolean mask with about 2/3 True, and at least two True per example."""
-    mask = rng.random(shape) < 2 / 3
-    mask.reshape(shape[0], -1)[:, :2] = True
+def _example_mask(rng, shape):
+    """`random_mask` (about 2/3 True) with at least two True entries in every example."""
+    mask = random_mask(rng, shape, fraction=2 / 3)
+    mask.reshape(shape[0], -1)[:, -2:] = True
     return mask
 
 
+# (x shape, channel axis, mask shape): a mask without the channel axis for
+# channels-last input, one of x's rank with size 1 there for NCHW.
 @pytest.mark.parametrize(
-    "shape, axis, num_groups",
-    [((3, 4, 5, 6), -1, 2), ((3, 6, 4, 5), 1, 3), ((4, 7, 4), -1, 4)],
+    "shape, axis, num_groups, mask_shape",
+    [
+        ((3, 4, 5, 6), -1, 2, (3, 4, 5)),
+        ((3, 6, 4, 5), 1, 3, (3, 1, 4, 5)),
+        ((4, 7, 4), -1, 4, (4, 7)),
+    ],
     ids=["NHWC-G2", "NCHW-G3", "NLC-G4"],
 )
-def test_masked_groupnorm_matches_reference_on_unmasked_entries(shape, axis, num_groups):
+def test_masked_groupnorm_matches_reference_on_unmasked_entries(
+    shape, axis, num_groups, mask_shape
+):
     rng = np.random.default_rng(50)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[axis])
-    mask = _random_mask(rng, shape[:axis] + shape[axis + 1 :] if axis != -1 else shape[:-1])
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[axis])
+    mask = _example_mask(rng, mask_shape)
 
     y = _jit(
         bnjax.groupnorm_apply, params, jnp.asarray(x), num_groups=num_groups, axis=axis, mask=mask
@@ -625,26 +622,26 @@ def test_masked_groupnorm_matches_reference_on_unmasked_entries(shape, axis, num
         _f64(params.bias),
         num_groups=num_groups,
         axis=axis,
-        mask=np.expand_dims(mask, axis),
+        mask=references.full_mask(mask, shape),
     )
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
 
 @pytest.mark.parametrize(
     "shape, axis, mask_shape",
-    [((3, 4, 5, 6), -1, (3, 4, 5)), ((3, 6, 4, 5), 1, (3, 4, 5)), ((4, 7, 4), -1, (4, 7))],
+    [((3, 4, 5, 6), -1, (3, 4, 5)), ((3, 6, 4, 5), 1, (3, 1, 4, 5)), ((4, 7, 4), -1, (4, 7))],
     ids=["NHWC", "NCHW", "NLC"],
 )
 def test_masked_instancenorm_matches_reference_on_unmasked_entries(shape, axis, mask_shape):
     rng = np.random.default_rng(51)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[axis])
-    mask = _random_mask(rng, mask_shape)
+    x = random_input(rng, shape)
+    params = random_params(rng, shape[axis])
+    mask = _example_mask(rng, mask_shape)
 
     y = _jit(bnjax.instancenorm_apply, params, jnp.asarray(x), axis=axis, mask=mask)
 
     expected = references.instancenorm(
-        x, _f64(params.scale), _f64(params.bias), axis=axis, mask=np.expand_dims(mask, axis)
+        x, _f64(params.scale), _f64(params.bias), axis=axis, mask=references.full_mask(mask, shape)
     )
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
@@ -666,7 +663,7 @@ def _row_mask(rng, mask_shape):
 )
 def test_masked_layernorm_matches_reference_on_unmasked_entries(shape, axes, mask_shape):
     rng = np.random.default_rng(52)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     feature_shape = [shape[a] for a in axes]
     params = bnjax.NormParams(
         jnp.asarray(rng.uniform(0.5, 2.0, feature_shape), jnp.float32),
@@ -687,7 +684,7 @@ def test_masked_layernorm_matches_reference_on_unmasked_entries(shape, axes, mas
 )
 def test_masked_rmsnorm_matches_reference_on_unmasked_entries(shape, axes, mask_shape):
     rng = np.random.default_rng(53)
-    x = _random_input(rng, shape)
+    x = random_input(rng, shape)
     scale = rng.uniform(0.5, 2.0, [shape[a] for a in axes]).astype(np.float32)
     mask = _row_mask(rng, mask_shape)
     params = bnjax.NormParams(jnp.asarray(scale), None)
@@ -742,8 +739,8 @@ def test_masked_ghost_batchnorm_matches_reference_on_unmasked_entries(
     shape, mask_shape, virtual_batch_size
 ):
     rng = np.random.default_rng(56)
-    x = _random_input(rng, shape)
-    params, state = _random_params(rng, 3), bnjax.batchnorm_init(3)[1]
+    x = random_input(rng, shape)
+    params, state = random_params(rng, 3), bnjax.batchnorm_init(3)[1]
     mask = rng.random(mask_shape) < 0.6
     # At least two unmasked entries per feature in every group. In the NC
     # and NTC cases the groups' counts differ (4 vs 3, 9 vs 10), so the
@@ -796,8 +793,8 @@ MASKED_APPLIES = {
 @pytest.mark.parametrize("name", list(MASKED_APPLIES))
 def test_masked_entries_do_not_change_unmasked_outputs(name):
     rng = np.random.default_rng(57)
-    x = _random_input(rng, (4, 6, 4))
-    mask = _random_mask(rng, (4, 6))
+    x = random_input(rng, (4, 6, 4))
+    mask = _example_mask(rng, (4, 6))
     perturbed = np.where(mask[..., None], x, x + rng.normal(size=x.shape) * 100).astype(np.float32)
     apply = MASKED_APPLIES[name]
 
@@ -848,8 +845,8 @@ DTYPE_NAMES = ["groupnorm", "instancenorm", "rmsnorm", "batchrenorm", "ghost-bat
 @pytest.mark.parametrize("name", DTYPE_NAMES)
 def test_low_precision_input_gives_its_dtype_and_matches_reference(name, dtype):
     rng = np.random.default_rng(60)
-    x = jnp.asarray(_random_input(rng, (4, 3, 5, 4))).astype(dtype)
-    params = _random_params(rng, 4)
+    x = jnp.asarray(random_input(rng, (4, 3, 5, 4))).astype(dtype)
+    params = random_params(rng, 4)
     running_mean, running_var = rng.normal(size=4), np.ones(4)
 
     y, new_state = _apply(name, params, x, _state(running_mean, running_var))
@@ -864,14 +861,14 @@ def test_low_precision_input_gives_its_dtype_and_matches_reference(name, dtype):
 @pytest.mark.parametrize("name", DTYPE_NAMES)
 def test_float32_params_keep_float32_gradients_for_bfloat16_input(name):
     rng = np.random.default_rng(61)
-    x = jnp.asarray(_random_input(rng, (4, 3, 5, 4))).astype(jnp.bfloat16)
+    x = jnp.asarray(random_input(rng, (4, 3, 5, 4))).astype(jnp.bfloat16)
     state = bnjax.batchnorm_init(4)[1]
 
     def loss(params):
         y, _ = _apply(name, params, x, state)
         return jnp.sum(y.astype(jnp.float32))
 
-    grads = jax.jit(jax.grad(loss))(_random_params(rng, 4))
+    grads = jax.jit(jax.grad(loss))(random_params(rng, 4))
 
     assert grads.scale.dtype == jnp.float32
     if name != "rmsnorm":

@@ -11,6 +11,7 @@ import pytest
 
 import bnjax
 from tests import references
+from tests.helpers import random_examples, random_params
 from tests.tolerances import GRAD_TOL, LARGE_MEAN_TOL, TOL
 
 # (shape, normalized axes) over the last axis, for every layout.
@@ -33,20 +34,6 @@ def _feature_shape(shape, axis):
     return tuple(shape[a] for a in sorted(a % len(shape) for a in axes))
 
 
-def _random_params(rng, feature_shape):
-    """Float32 non-trivial affine parameters: scale away from 1, bias away from 0."""
-    scale = rng.uniform(0.5, 2.0, feature_shape) * rng.choice([-1.0, 1.0], feature_shape)
-    bias = rng.normal(size=feature_shape)
-    return bnjax.NormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
-
-
-def _random_input(rng, shape, dtype=np.float32):
-    """Values with a different mean and spread per example, O(1) overall."""
-    spread = rng.uniform(0.5, 2.0, (shape[0],) + (1,) * (len(shape) - 1))
-    offset = rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1))
-    return (rng.normal(size=shape) * spread + offset).astype(dtype)
-
-
 def _axes(axis):
     return (axis,) if isinstance(axis, int) else tuple(axis)
 
@@ -61,8 +48,8 @@ NUMPY_ML_IDS = ["LayerNorm1D-NC", "LayerNorm2D-NHWC"]
 @pytest.mark.parametrize("name, shape, axis", NUMPY_ML_CASES, ids=NUMPY_ML_IDS)
 def test_output_matches_numpy_ml(name, shape, axis):
     rng = np.random.default_rng(0)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    x = random_examples(rng, shape)
+    params = random_params(rng, _feature_shape(shape, axis))
     layer = references.numpy_ml_layer(name, shape, params.scale, params.bias)
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x), axis=axis)
@@ -73,9 +60,9 @@ def test_output_matches_numpy_ml(name, shape, axis):
 @pytest.mark.parametrize("name, shape, axis", NUMPY_ML_CASES, ids=NUMPY_ML_IDS)
 def test_gradients_match_numpy_ml_backward(name, shape, axis):
     rng = np.random.default_rng(1)
-    x = _random_input(rng, shape)
+    x = random_examples(rng, shape)
     dy = rng.normal(size=shape).astype(np.float32)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    params = random_params(rng, _feature_shape(shape, axis))
     layer = references.numpy_ml_layer(name, shape, params.scale, params.bias)
     layer.forward(x.astype(np.float64))
     expected_dx = layer.backward(dy.astype(np.float64))
@@ -122,8 +109,8 @@ def test_init_without_scale_or_bias_gives_none_fields(use_scale, use_bias):
 @pytest.mark.parametrize("shape", LAST_AXIS_CASES, ids=LAST_AXIS_IDS)
 def test_output_over_last_axis_matches_float64_reference(shape):
     rng = np.random.default_rng(2)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, shape[-1])
+    x = random_examples(rng, shape)
+    params = random_params(rng, shape[-1])
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x))
 
@@ -135,8 +122,8 @@ def test_output_over_last_axis_matches_float64_reference(shape):
 @pytest.mark.parametrize("shape, axis", [((6, 5), -1), ((2, 3, 4, 5), (1, 3))], ids=["NC", "(1,3)"])
 def test_float64_output_matches_float64_reference(x64, shape, axis):
     rng = np.random.default_rng(2)
-    x = _random_input(rng, shape, np.float64)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    x = random_examples(rng, shape, np.float64)
+    params = random_params(rng, _feature_shape(shape, axis))
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x), axis=axis)
 
@@ -149,8 +136,8 @@ def test_epsilon_is_added_to_the_variance():
     rng = np.random.default_rng(13)
     shape, axis = (2, 3, 4, 5), (1, 3)
     # Spread ~0.01 (variance ~1e-4): epsilon = 1e-3 dominates the denominator.
-    x = (_random_input(rng, shape) * 0.01).astype(np.float32)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    x = (random_examples(rng, shape) * 0.01).astype(np.float32)
+    params = random_params(rng, _feature_shape(shape, axis))
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x), axis=axis, epsilon=1e-3)
 
@@ -161,8 +148,8 @@ def test_epsilon_is_added_to_the_variance():
 @pytest.mark.parametrize("shape, axis", AXES_CASES, ids=AXES_IDS)
 def test_output_over_tuple_of_axes_matches_float64_reference(shape, axis):
     rng = np.random.default_rng(3)
-    x = _random_input(rng, shape)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    x = random_examples(rng, shape)
+    params = random_params(rng, _feature_shape(shape, axis))
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x), axis=axis)
 
@@ -174,8 +161,8 @@ def test_output_over_tuple_of_axes_matches_float64_reference(shape, axis):
 def test_output_over_axis_1_only_matches_float64_reference(axis):
     rng = np.random.default_rng(4)
     shape = (2, 6, 3, 4)  # NCHW, normalized over C at each position
-    x = _random_input(rng, shape)
-    params = _random_params(rng, 6)
+    x = random_examples(rng, shape)
+    params = random_params(rng, 6)
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x), axis=axis)
 
@@ -191,9 +178,9 @@ def test_output_over_axis_1_only_matches_float64_reference(axis):
 @pytest.mark.parametrize("shape, axis", [((6, 5), -1), ((2, 3, 4, 5), (1, 3))], ids=["NC", "(1,3)"])
 def test_output_without_scale_or_bias_matches_float64_reference(shape, axis, use_scale, use_bias):
     rng = np.random.default_rng(5)
-    x = _random_input(rng, shape)
+    x = random_examples(rng, shape)
     feature_shape = _feature_shape(shape, axis)
-    random = _random_params(rng, feature_shape)
+    random = random_params(rng, feature_shape)
     params = bnjax.NormParams(
         random.scale if use_scale else None, random.bias if use_bias else None
     )
@@ -207,7 +194,7 @@ def test_output_without_scale_or_bias_matches_float64_reference(shape, axis, use
 @pytest.mark.parametrize("shape, axis", [((3, 5), -1), ((3, 2, 4, 5), (1, 3))], ids=["NC", "(1,3)"])
 def test_constant_example_gives_bias(shape, axis):
     rng = np.random.default_rng(6)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    params = random_params(rng, _feature_shape(shape, axis))
     levels = np.array([3.25, -1e4, 0.0]).reshape((3,) + (1,) * (len(shape) - 1))
     # Constant over the normalized axes, different along the others.
     other = [a for a in range(1, len(shape)) if a not in [b % len(shape) for b in _axes(axis)]]
@@ -252,7 +239,7 @@ LOW_PRECISION_IDS = ["bfloat16", "float16"]
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 def test_low_precision_input_gives_output_of_input_dtype_and_float32_params(dtype):
     rng = np.random.default_rng(8)
-    x = jnp.asarray(_random_input(rng, (4, 3, 5)), dtype)
+    x = jnp.asarray(random_examples(rng, (4, 3, 5)), dtype)
     params = bnjax.layernorm_init(5)
 
     y = bnjax.layernorm_apply(params, x)
@@ -265,8 +252,8 @@ def test_low_precision_input_gives_output_of_input_dtype_and_float32_params(dtyp
 @pytest.mark.parametrize("shape, axis", [((6, 5), -1), ((2, 3, 4, 5), (1, 3))], ids=["NC", "(1,3)"])
 def test_low_precision_output_matches_float64_reference_on_rounded_input(shape, axis, dtype):
     rng = np.random.default_rng(9)
-    x = jnp.asarray(_random_input(rng, shape), dtype)
-    params = _random_params(rng, _feature_shape(shape, axis))
+    x = jnp.asarray(random_examples(rng, shape), dtype)
+    params = random_params(rng, _feature_shape(shape, axis))
 
     y = bnjax.layernorm_apply(params, x, axis=axis)
 
@@ -282,7 +269,7 @@ def test_low_precision_statistics_are_accumulated_in_float32(dtype):
     # would shift the mean by many output ulps. Scale 1 and bias 0 make the
     # output (x - mean) / std, so an error in the mean shows directly.
     shape = (2, 16, 16, 16)
-    x = jnp.asarray(_random_input(rng, shape) + 3.0, dtype)
+    x = jnp.asarray(random_examples(rng, shape) + 3.0, dtype)
     params = bnjax.layernorm_init(shape[1:])
 
     y = bnjax.layernorm_apply(params, x, axis=(1, 2, 3))
@@ -298,7 +285,7 @@ def test_float16_input_around_300_does_not_overflow():
     # squared deviations exceed float16's largest value, 65504.
     shape = (2, 16, 16, 16)
     x = jnp.asarray(300 + 30 * rng.normal(size=shape), jnp.float16)
-    params = _random_params(rng, shape[1:])
+    params = random_params(rng, shape[1:])
 
     y = bnjax.layernorm_apply(params, x, axis=(1, 2, 3))
 
@@ -311,7 +298,7 @@ def test_float16_input_around_300_does_not_overflow():
 def test_param_dtype_float64_gives_float64_params(x64):
     rng = np.random.default_rng(12)
     params = bnjax.layernorm_init((3, 5), param_dtype=jnp.float64)
-    x = _random_input(rng, (2, 3, 4, 5), np.float64)
+    x = random_examples(rng, (2, 3, 4, 5), np.float64)
 
     y = bnjax.layernorm_apply(params, jnp.asarray(x), axis=(1, 3))
 

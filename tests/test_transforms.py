@@ -25,6 +25,7 @@ from bnjax._src import (
     weight_decay,
 )
 from bnjax._src.convert import flax_linen, haiku, keras, pytorch
+from tests.helpers import perturbed_params
 
 
 def _batchnorm_train(params, x):
@@ -58,16 +59,6 @@ NORMALIZERS = {
 SHAPE = (6, 5, 4)
 
 
-def _random_params(init, shape, dtype, seed=0):
-    """Non-trivial scale and bias, so their derivatives are exercised."""
-    params = init(shape, dtype)
-    keys = jax.random.split(jax.random.key(seed), 2)
-    return bnjax.NormParams(
-        scale=params.scale + 0.3 * jax.random.normal(keys[0], params.scale.shape, dtype),
-        bias=params.bias + 0.3 * jax.random.normal(keys[1], params.bias.shape, dtype),
-    )
-
-
 def _input(shape, dtype=jnp.float32, seed=1):
     return 2.0 + 3.0 * jax.random.normal(jax.random.key(seed), shape, dtype)
 
@@ -75,7 +66,7 @@ def _input(shape, dtype=jnp.float32, seed=1):
 @pytest.mark.parametrize("name", NORMALIZERS)
 def test_jvp_equals_linearized_vjp(name):
     apply, init = NORMALIZERS[name]
-    params, x = _random_params(init, SHAPE, jnp.float32), _input(SHAPE)
+    params, x = perturbed_params(init(SHAPE, jnp.float32)), _input(SHAPE)
     tangent = jax.random.normal(jax.random.key(3), SHAPE)
     cotangent = jax.random.normal(jax.random.key(4), SHAPE)
     _, jvp_out = jax.jvp(lambda x: apply(params, x), (x,), (tangent,))

@@ -41,12 +41,6 @@ FINITE_DIFFERENCE_TOL = {"rtol": 1e-6, "atol": 1e-6}
 # (its default) agree with the exact derivatives to ~h^2 |f'''| ~ 1e-6, and
 # 1e-5, check_grads' own default for float64, leaves a margin of 10.
 CHECK_GRADS_TOL = {"rtol": 1e-5, "atol": 1e-5}
-REAL_SIZE_TOL = {"float32": {"rtol": 1e-5, "atol": 1e-5}, "bfloat16": TOL["bfloat16"]}
-REAL_SIZE_GRAD_TOL = {
-    "float32": {"dx": 1e-5, "dparams": 1e-5},
-    "bfloat16": {"dx": 1e-2, "dparams": 1e-5},
-}
-REAL_SIZE_CHECK_GRADS_TOL = {"atol": 1e-5, "rtol": 1e-5}
 # Synchronized BatchNorm in float32 across up to 8 devices against float64
 # numpy, values of order 1-10 (each device's shard offset differently, by up
 # to +-7), statistics over <= 256 entries per feature: the reductions err by
@@ -61,4 +55,42 @@ SYNC_TOL = {"rtol": 2e-5, "atol": 2e-5}
 # rounding shows at ~n * eps32 ~ 3e-5 relative to the terms; 1e-4 keeps a
 # margin of 3. (test_sync.py, test_multihost.py)
 SYNC_GRAD_TOL = {"rtol": 1e-4, "atol": 1e-4}
+# float32 against float64 at the sizes users have (test_real_sizes.py):
+# statistics over n = 1024 to 32768 entries, values O(1)-O(10). XLA:CPU's
+# reductions behave like blocked, tree-like sums, whose error grows like
+# log2(n) * eps32 ~ 1e-6 relative at n = 32768 (not like n * eps32), and the
+# shifted or two-pass variance adds no cancellation (its shift lies within
+# the data). Observed over every case: <= 7e-7. 1e-5 (TOL["float32"]'s
+# number) keeps a margin of 10 over the estimate. For bfloat16 TOL's
+# argument holds whatever n: one rounding of the output dominates.
+REAL_SIZE_TOL = {"float32": {"rtol": 1e-5, "atol": 1e-5}, "bfloat16": TOL["bfloat16"]}
+# Gradients of sum(y * cotangent) at real sizes, relative to the largest
+# entry of the float64 gradient: dx = (c - w * (mean(c) + xhat * mean(c *
+# xhat))) / sigma with c = cotangent * scale, so an entry near 0 carries the
+# absolute error of the large terms it is the difference of.
+# float32: the two means over n entries and dscale, dbias (sums over up to
+# 4096 entries per parameter) err by ~log2(n) * eps32 ~ 1e-6 of the largest
+# entry; observed <= 7.4e-7; 1e-5 keeps a margin of 10.
+# bfloat16: dx is bfloat16, and autodiff adds two bfloat16 cotangents of x
+# (the normalization's, c / sigma, and the statistics' terms), each rounded
+# before their sum is rounded again: three roundings of u = 2^-9 of values
+# up to ~3 max|dx| each, <= ~10 u = 2e-2 of max|dx|; observed 6.7e-3.
+# dscale and dbias are float32 sums, as above.
+REAL_SIZE_GRAD_TOL = {
+    "float32": {"dx": 1e-5, "dparams": 1e-5},
+    "bfloat16": {"dx": 2e-2, "dparams": 1e-5},
+}
+# The output mean of the large-mean case (mean 1e4, std 1, float32) is 0 up
+# to the error of the computed mean, whose ulp at 1e4 is 2^-10 ~ 1e-3: half
+# an ulp when correctly rounded, a few more roundings of values that size
+# when device means are pooled (count times mean, summed, divided).
+# Observed: <= 1.8 ulps synchronized with a mask, <= 0.9 on one device. 4 ulps.
 LARGE_MEAN_OFFSET_TOL = 4 * 2**-10
+# Forward mode along one entry in float32 at n = 8192 entries per statistic,
+# against float64 central differences (step 1e-4: truncation ~h^2 |y'''| and
+# rounding ~eps64 / h, both < 1e-8 relative). The off-diagonal entries are
+# O(1 / n) and come from tangents of the mean and variance that are one-hot
+# sums divided by n, exact up to a few roundings: their error is a few eps32
+# of the largest of them (observed <= 5.5e-7). 1e-5 keeps a margin of 18; a
+# shift that carried a derivative would leave an error of ~n eps32 ~ 5e-4.
+ONE_ENTRY_JVP_TOL = 1e-5

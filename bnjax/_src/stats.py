@@ -220,10 +220,11 @@ def pool(
 
     With `axis_name`, the pooled moments of every device along that mapped
     axis are pooled in turn, in two `psum`s: the counts, `n_d m_d` and
-    `n_d v_d` first, then, once the pooled mean is known everywhere,
-    `n_d (m_d - mean)^2`. Each carries O(C) values (C the number of kept
-    positions), whatever the number of devices; the second is skipped with
-    `between_parts=False`.
+    `n_d v_d` first, then, once a first pooled mean `mu` is known
+    everywhere, `n_d (m_d - mu)` and `n_d (m_d - mu)^2`, which correct the
+    mean to the last bit and give the spread of the device means. Each
+    carries O(C) values (C the number of kept positions), whatever the
+    number of devices; the second is skipped with `between_parts=False`.
 
     Args:
       parts: moments of the parts, each field broadcastable to `parts.mean`.
@@ -265,19 +266,26 @@ def _pool_sums(
         sums = _psum_with_count(*sums, axis_name=axis_name)
     total, weighted_means, weighted_vars = sums
     safe_total = jnp.maximum(total, 1).astype(dtype)
-    mean = weighted_means / safe_total
-    if not axis_name:
-        # Dividing the sum by `n` may leave the mean an ulp off, even when
-        # every part has the same mean (a constant channel), and a zero
-        # variance magnifies that; the mean of the parts' deviations from
-        # it corrects it to the last bit.
-        rough = lax.stop_gradient(mean)
-        mean = rough + jnp.sum(weight * (parts.mean - rough), axes, keepdims=True) / safe_total
+    rough = weighted_means / safe_total
     if not between_parts:
-        return Moments(mean, weighted_vars / safe_total, total)
-    spread = jnp.sum(weight * jnp.square(parts.mean - mean), axes, keepdims=True)
+        return Moments(rough, weighted_vars / safe_total, total)
+    # Dividing the sum by `n` may leave the mean an ulp off, even when every
+    # part has the same mean (a constant channel), and a zero variance
+    # magnifies that. The parts' deviations from it correct the mean to the
+    # last bit and give the spread of the means about the corrected one:
+    # with `c = sum(n_i (m_i - rough))`, `mean = rough + c / n` and
+    # `sum(n_i (m_i - mean)^2) = sum(n_i (m_i - rough)^2) - c^2 / n`.
+    rough = lax.stop_gradient(rough)
+    deviations = parts.mean - rough
+    second = (
+        jnp.sum(weight * deviations, axes, keepdims=True),
+        jnp.sum(weight * jnp.square(deviations), axes, keepdims=True),
+    )
     if axis_name is not None:
-        spread = lax.psum(spread, axis_name)
+        second = lax.psum(jnp.stack(second), axis_name)
+    correction, spread = second
+    mean = rough + correction / safe_total
+    spread = jnp.maximum(spread - correction * correction / safe_total, 0)
     return Moments(mean, (weighted_vars + spread) / safe_total, total)
 
 
