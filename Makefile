@@ -12,12 +12,14 @@ SOURCES := pyproject.toml $(shell find bnjax -name '*.py' -o -name py.typed)
 demo: $(VENV)/.deps-examples $(VENV)/.bnjax
 	$(BIN)/python examples/study.py $(ARGS)
 
-# Line coverage of the installed bnjax, which is what the tests import: --cov
+# The tests run in two processes (pytest-xdist; a file stays in one, so its
+# module fixtures are built once), under line coverage of the installed
+# bnjax, which is what the tests import: --cov
 # names its folder in site-packages (the bare name `bnjax` would be taken for
 # the source folder here, which the tests never run). Fails unless every line
 # of bnjax/_src/stats.py ran.
 test: $(VENV)/.deps-test $(VENV)/.bnjax lint
-	$(BIN)/pytest --cov="$$($(BIN)/python -I -c 'import importlib.util as u; \
+	$(BIN)/pytest -n 2 --dist loadfile --cov="$$($(BIN)/python -I -c 'import importlib.util as u; \
 		print(u.find_spec("bnjax").submodule_search_locations[0])')" --cov-report=
 	$(BIN)/coverage report --include='*/bnjax/_src/*'
 	$(BIN)/coverage report --include='*/bnjax/_src/stats.py' --show-missing --fail-under=100

@@ -37,9 +37,9 @@ LARGE_MEAN_TOL = 1e-3
 # wrong gradient (e.g. one taken through Batch Renorm's r and d) makes.
 FINITE_DIFFERENCE_TOL = {"rtol": 1e-6, "atol": 1e-6}
 # `jax.test_util.check_grads` in float64 (to second order, forward and
-# reverse mode) on smooth O(1) losses: its central differences of step 1e-3
-# (its default) agree with the exact derivatives to ~h^2 |f'''| ~ 1e-6, and
-# 1e-5, check_grads' own default for float64, leaves a margin of 10.
+# reverse mode) on smooth O(1) losses: its central differences of step 1e-4
+# (its default) agree with the exact derivatives to ~h^2 |f'''| ~ 1e-8, and
+# 1e-5, check_grads' own default for float64, leaves a wide margin.
 CHECK_GRADS_TOL = {"rtol": 1e-5, "atol": 1e-5}
 # Synchronized BatchNorm in float32 across up to 8 devices against float64
 # numpy, values of order 1-10 (each device's shard offset differently, by up
