@@ -323,16 +323,21 @@ def batchnorm_grads(x, scale, cotangent, *, axis=-1, epsilon=1e-5, mask=None, r=
     return dx, _per_feature(cotangent * (xhat * r + d), axis), _per_feature(cotangent, axis)
 
 
-def layernorm_grads(x, scale, cotangent, *, axes=(-1,), epsilon=1e-5, mask=None):
-    """LayerNorm's `(dx, dscale, dbias)` of `sum(y * cotangent)`, float64; `scale`
-    has the normalized axes' shape, as do `dscale` and `dbias`."""
+def _per_example_layout(x, scale, cotangent, axes):
+    """float64 `x`, `scale` (shaped to broadcast) and `cotangent`; sorted `axes`, the kept ones."""
     x = np.asarray(x, np.float64)
-    cotangent = np.asarray(cotangent, np.float64)
     axes = tuple(sorted(a % x.ndim for a in axes))
     kept = tuple(a for a in range(x.ndim) if a not in axes)
     scale = np.asarray(scale, np.float64).reshape(
         [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
     )
+    return x, np.asarray(cotangent, np.float64), scale, axes, kept
+
+
+def layernorm_grads(x, scale, cotangent, *, axes=(-1,), epsilon=1e-5, mask=None):
+    """LayerNorm's `(dx, dscale, dbias)` of `sum(y * cotangent)`, float64; `scale`
+    has the normalized axes' shape, as do `dscale` and `dbias`."""
+    x, cotangent, scale, axes, kept = _per_example_layout(x, scale, cotangent, axes)
     xhat, dx = _standardized_vjp(x, _weights(x, mask), cotangent * scale, axes, epsilon)
     return dx, (cotangent * xhat).sum(axis=kept), cotangent.sum(axis=kept)
 
@@ -343,13 +348,7 @@ def rmsnorm_grads(x, scale, cotangent, *, axes=(-1,), epsilon=1e-6, mask=None):
     With `r = (mean(w x^2) + epsilon)^(-1/2)` over `axes`, `n` the count and
     `c = cotangent * scale`: `dx = r * (c - w * x * r^2 * sum(c * x) / n)`.
     """
-    x = np.asarray(x, np.float64)
-    cotangent = np.asarray(cotangent, np.float64)
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    kept = tuple(a for a in range(x.ndim) if a not in axes)
-    scale = np.asarray(scale, np.float64).reshape(
-        [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
-    )
+    x, cotangent, scale, axes, kept = _per_example_layout(x, scale, cotangent, axes)
     w = _weights(x, mask)
     count = w.sum(axis=axes, keepdims=True)
     r = 1 / np.sqrt((w * x**2).sum(axis=axes, keepdims=True) / count + epsilon)

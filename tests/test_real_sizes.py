@@ -394,18 +394,23 @@ def test_gradients_match_closed_form_float64_reference(case_id, dtype_name, mask
             _assert_relative_to_largest(step.dparams.bias, want.dbias, tol["dparams"])
 
 
-@pytest.mark.parametrize("case_id, dtype_name, masked", STATEFUL_RUNS, ids=STATEFUL_RUN_IDS)
-def test_running_statistics_follow_closed_form_after_several_steps(case_id, dtype_name, masked):
-    """`running = m * running + (1 - m) * batch` from the initial state, once per call."""
-    run = _run(case_id, dtype_name, masked)
-
-    mean, var = references.running_stats(
+def _expected_running_stats(run):
+    """The closed-form running mean and variance after `run`'s steps, from its initial state."""
+    return references.running_stats(
         [step.expected.mean for step in run.steps],
         [step.expected.var for step in run.steps],
         MOMENTUM,
         mean=_f64(run.initial_state.mean),
         var=_f64(run.initial_state.var),
     )
+
+
+@pytest.mark.parametrize("case_id, dtype_name, masked", STATEFUL_RUNS, ids=STATEFUL_RUN_IDS)
+def test_running_statistics_follow_closed_form_after_several_steps(case_id, dtype_name, masked):
+    """`running = m * running + (1 - m) * batch` from the initial state, once per call."""
+    run = _run(case_id, dtype_name, masked)
+
+    mean, var = _expected_running_stats(run)
     final = run.steps[-1].state
     np.testing.assert_allclose(final.mean, mean, **REAL_SIZE_TOL["float32"])
     np.testing.assert_allclose(final.var, var, **REAL_SIZE_TOL["float32"])
@@ -420,13 +425,7 @@ def test_garbage_in_masked_entries_does_not_reach_the_statistics(case_id):
     for step in run.steps:
         np.testing.assert_allclose(step.y, step.expected.y, **REAL_SIZE_TOL["float32"])
     if run.initial_state is not None:
-        mean, var = references.running_stats(
-            [step.expected.mean for step in run.steps],
-            [step.expected.var for step in run.steps],
-            MOMENTUM,
-            mean=_f64(run.initial_state.mean),
-            var=_f64(run.initial_state.var),
-        )
+        mean, var = _expected_running_stats(run)
         np.testing.assert_allclose(run.steps[-1].state.mean, mean, **REAL_SIZE_TOL["float32"])
         np.testing.assert_allclose(run.steps[-1].state.var, var, **REAL_SIZE_TOL["float32"])
 
