@@ -1,13 +1,14 @@
 """Batch Normalization as a pure function of params, running state and input."""
 
 import math
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import checks, precise, stats
+from bnjax._src import checks, output, precise, stats
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
 
 
@@ -16,6 +17,7 @@ def batchnorm_init(
     *,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
 ) -> tuple[NormParams, BatchStats]:
     """Creates BatchNorm parameters and running statistics.
@@ -24,6 +26,9 @@ def batchnorm_init(
       num_features: `C`, the size of the feature axis, a positive int.
       use_scale: learn a per-feature scale (initialized to 1). Default True.
       use_bias: learn a per-feature bias (initialized to 0). Default True.
+      zero_centered_scale: store the scale as `g`, initialized to 0, which
+        `batchnorm_apply(..., zero_centered_scale=True)` applies as `1 + g`.
+        Default False.
       param_dtype: dtype of the parameters and of the running mean and
         variance. Default float32.
 
@@ -40,7 +45,7 @@ def batchnorm_init(
     checks.check_size("num_features", num_features)
     shape = (num_features,)
     params = NormParams(
-        scale=jnp.ones(shape, param_dtype) if use_scale else None,
+        scale=output.initial_scale(shape, zero_centered_scale, param_dtype) if use_scale else None,
         bias=jnp.zeros(shape, param_dtype) if use_bias else None,
     )
     state = BatchStats(
@@ -65,6 +70,10 @@ def batchnorm_apply(
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
+    momentum_warmup: bool = False,
+    zero_centered_scale: bool = False,
+    modulation: output.Modulation | None = None,
+    dtype: Any = None,
 ) -> tuple[jax.Array, BatchStats | CollectedStats]:
     """Normalizes each feature of `x` with batch or running statistics.
 
@@ -73,7 +82,9 @@ def batchnorm_apply(
     except the feature axis, and the running statistics are updated as
     `running = momentum * running + (1 - momentum) * batch` (note: PyTorch's
     `momentum` is `1 - momentum` here). In eval mode the running statistics
-    are used and the state is returned unchanged.
+    are used and the state is returned unchanged. `scale` is `1 + g` for a
+    zero-centered scale `g`; with `modulation=(s, t)`, `y * (1 + s) + t`
+    follows, per example (FiLM, class-conditional BatchNorm).
 
     Args:
       params: `NormParams` from `batchnorm_init`, fields of shape `(C,)`.
@@ -131,19 +142,40 @@ def batchnorm_apply(
         over `2 C` values. With `axis_name` every device sees the same pooled
         statistics, so all devices skip together. Default True; False lets
         non-finite values through.
+      momentum_warmup: start the running statistics with the cumulative
+        average while `count < 1 / (1 - momentum)` (the first 10 updates for
+        `momentum=0.9`), then continue with the moving average, so the
+        initial `mean=0`, `var=1` and the first batch do not dominate the
+        running statistics for hundreds of steps. The update is
+        `running = k / (k + 1) * running + 1 / (k + 1) * batch` for
+        `k = count < 1 / (1 - momentum)`, and the moving average after.
+        `momentum` must then be a Python number. No effect with
+        `momentum=None`, which is the cumulative average throughout.
+        Default False.
+      zero_centered_scale: `params.scale` holds `g` and is applied as
+        `1 + g`, in the statistics dtype (from
+        `batchnorm_init(..., zero_centered_scale=True)`). Default False.
+      modulation: optional `(scale, shift)` computed per example, e.g. from
+        a class embedding: arrays of `x`'s rank, each axis 1 or `x`'s size
+        (`(N, C)` for `(N, C)`, `(N, 1, 1, C)` for NHWC), applied after the
+        learned affine as `y * (1 + scale) + shift`, in training and eval
+        mode. Either may be None. The running statistics do not see it.
+      dtype: the output dtype, floating. Default None: `x`'s dtype.
 
     Returns:
-      `(y, new_state)`: `y` of `x`'s shape and dtype, and the updated
-      `BatchStats` (`state` itself when `train=False`; a `CollectedStats`
-      when given one). The batch statistics enter `new_state` without
-      gradient.
+      `(y, new_state)`: `y` of `x`'s shape and of dtype `dtype` (computed in
+      the statistics dtype and rounded once), and the updated `BatchStats`
+      (`state` itself when `train=False`; a `CollectedStats` when given
+      one). The batch statistics enter `new_state` without gradient.
 
     Raises:
-      TypeError: `train` is not a Python bool (e.g. traced); `x` or `mask`
-        has the wrong dtype.
+      TypeError: `train` is not a Python bool (e.g. traced); `x`, `mask`,
+        `modulation` or `dtype` has the wrong dtype; `momentum` is traced
+        with `momentum_warmup=True`.
       ValueError: params or state do not have shape `(C,)`; `axis` is out of
         range; training with a single value per feature (counted across
-        `axis_name`); `mask` is not broadcastable; `momentum` is outside
+        `axis_name`); `mask` or `modulation` is not broadcastable;
+        `momentum` is outside
         [0, 1]; `epsilon <= 0`; `axis_name` is not bound;
         `virtual_batch_size` does not divide the batch; `train=False` with a
         `CollectedStats`.
@@ -164,8 +196,14 @@ def batchnorm_apply(
       BatchNorm), arXiv:1705.08741.
     """
     feature_axis = check_inputs(params, state, x, train, axis, momentum, epsilon)
+    checks.check_momentum_warmup(momentum, momentum_warmup)
+    modulation = checks.check_modulation(modulation, x.shape, feature_axis)
+    out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if not train:
-        return normalize_with_running_stats(params, state, x, feature_axis, epsilon), state
+        y = normalize_with_running_stats(
+            params, state, x, feature_axis, epsilon, zero_centered_scale
+        )
+        return output.finish(y, modulation, out_dtype), state
     batch = batch_statistics(
         x,
         feature_axis,
@@ -175,10 +213,12 @@ def batchnorm_apply(
         unbiased_running_var,
         collecting=isinstance(state, CollectedStats),
     )
-    scale = stats.broadcast_to_axes(params.scale, batch.x.ndim, (batch.feature_axis,))
+    scale = output.learned_scale(params.scale, zero_centered_scale, batch.mean.dtype)
+    scale = stats.broadcast_to_axes(scale, batch.x.ndim, (batch.feature_axis,))
     bias = stats.broadcast_to_axes(params.bias, batch.x.ndim, (batch.feature_axis,))
     y = stats.normalize(batch.x, batch.mean, batch.var, scale, bias, epsilon)
-    return y.reshape(x.shape), update_state(state, batch, momentum, skip_nonfinite)
+    new_state = update_state(state, batch, momentum, skip_nonfinite, momentum_warmup)
+    return output.finish(y.reshape(x.shape), modulation, out_dtype), new_state
 
 
 class Batch(NamedTuple):
@@ -238,15 +278,21 @@ def running_stats(state: BatchStats | CollectedStats) -> BatchStats:
 
 
 def normalize_with_running_stats(
-    params: NormParams, state: BatchStats, x: jax.Array, feature_axis: int, epsilon: float
+    params: NormParams,
+    state: BatchStats,
+    x: jax.Array,
+    feature_axis: int,
+    epsilon: float,
+    zero_centered_scale: bool,
 ) -> jax.Array:
-    """Eval mode: `x` normalized with the running mean and variance."""
+    """Eval mode: `x` normalized with the running mean and variance, in the statistics dtype."""
 
     def expand(v: jax.Array | None) -> jax.Array | None:
         return stats.broadcast_to_axes(v, x.ndim, (feature_axis,))
 
+    scale = output.learned_scale(params.scale, zero_centered_scale, stats.stats_dtype(x.dtype))
     mean, var = expand(state.mean), expand(state.var)
-    return stats.normalize(x, mean, var, expand(params.scale), expand(params.bias), epsilon)
+    return stats.normalize(x, mean, var, expand(scale), expand(params.bias), epsilon)
 
 
 def batch_statistics(
@@ -329,41 +375,40 @@ def _check_params_and_state(
 
 
 def update_state(
-    state: BatchStats | CollectedStats, batch: Batch, momentum: float | None, skip_nonfinite: bool
+    state: BatchStats | CollectedStats,
+    batch: Batch,
+    momentum: float | None,
+    skip_nonfinite: bool,
+    momentum_warmup: bool,
 ) -> BatchStats | CollectedStats:
     """The state after a training step: running statistics updated, or moments collected."""
     if isinstance(state, CollectedStats):
         assert batch.whole is not None
         return precise.collect(state, batch.whole, _is_usable(batch.whole, skip_nonfinite))
-    return update_running(state, batch.contribution, momentum, skip_nonfinite)
+    return update_running(state, batch.contribution, momentum, skip_nonfinite, momentum_warmup)
 
 
 def update_running(
     state: BatchStats,
     contribution: stats.Moments,
     momentum: float | None,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool,
+    momentum_warmup: bool,
 ) -> BatchStats:
     """Folds one batch's statistics into the running ones, without gradient.
 
-    `running = momentum * running + (1 - momentum) * batch`, or with
-    `momentum=None` the cumulative average over all updates. A batch with no
-    contributing entry, or (with `skip_nonfinite`) with non-finite
-    statistics, leaves `state` as it was.
+    `running = keep * running + take * batch`, with `(keep, take)` from
+    `_update_weights`. A batch with no contributing entry, or (with
+    `skip_nonfinite`) with non-finite statistics, leaves `state` as it was.
     """
     dtype = state.mean.dtype
     mean = lax.stop_gradient(contribution.mean).astype(dtype)
     var = lax.stop_gradient(contribution.var).astype(dtype)
-    if momentum is None:
-        # Cumulative average: after k + 1 updates each batch has weight 1 / (k + 1).
-        weight = 1.0 / (state.count.astype(dtype) + 1)
-        new_mean = state.mean + weight * (mean - state.mean)
-        new_var = state.var + weight * (var - state.var)
-    else:
-        new_mean = momentum * state.mean + (1 - momentum) * mean
-        new_var = momentum * state.var + (1 - momentum) * var
+    keep, take = _update_weights(state.count, momentum, momentum_warmup, dtype)
     new_state = BatchStats(
-        new_mean.astype(dtype), new_var.astype(dtype), state.count + jnp.int32(1)
+        (keep * state.mean + take * mean).astype(dtype),
+        (keep * state.var + take * var).astype(dtype),
+        state.count + jnp.int32(1),
     )
     usable = _is_usable(contribution, skip_nonfinite)
     return jax.tree.map(lambda new, old: jnp.where(usable, new, old), new_state, state)
@@ -375,3 +420,31 @@ def _is_usable(contribution: stats.Moments, skip_nonfinite: bool) -> jax.Array:
     if skip_nonfinite:
         usable &= jnp.isfinite(contribution.mean).all() & jnp.isfinite(contribution.var).all()
     return usable
+
+
+def _update_weights(
+    count: jax.Array, momentum: float | None, warmup: bool, dtype: jnp.dtype
+) -> tuple[Any, Any]:
+    """`(keep, take)`: the weights of the running value and of the batch in an update.
+
+    The moving average keeps `momentum`; the cumulative average after `k =
+    count` updates keeps `k / (k + 1)`, so that every batch ends up with the
+    same weight (and the first one replaces the initial values exactly).
+    With `warmup`, the cumulative average is used while
+    `count < 1 / (1 - momentum)`.
+    """
+    updates = count.astype(dtype) + 1
+    cumulative = (count.astype(dtype) / updates, 1 / updates)
+    if momentum is None:
+        return cumulative
+    moving = (momentum, 1 - momentum)
+    if not warmup:
+        return moving
+    if momentum == 1:  # 1 / (1 - momentum) is infinite: always below it
+        return cumulative
+    # `count < 1 / (1 - momentum)` for an integer count, computed exactly
+    # from the momentum as written (0.9 -> 9/10 -> 10 warm-up updates; the
+    # float 1 / (1 - 0.9) is 9.999999999999998).
+    warmup_updates = math.ceil(1 / (1 - Fraction(repr(float(momentum)))))
+    in_warmup = count < warmup_updates
+    return tuple(jnp.where(in_warmup, c, m) for c, m in zip(cumulative, moving, strict=True))

@@ -1,10 +1,12 @@
 """Batch Renormalization as a pure function of params, running state and input."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import batchnorm, checks, stats
+from bnjax._src import batchnorm, checks, output, stats
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
 
 
@@ -24,6 +26,10 @@ def batchrenorm_apply(
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
+    momentum_warmup: bool = False,
+    zero_centered_scale: bool = False,
+    modulation: output.Modulation | None = None,
+    dtype: Any = None,
 ) -> tuple[jax.Array, BatchStats | CollectedStats]:
     """BatchNorm corrected towards the running statistics (Ioffe 2017, Alg. 1).
 
@@ -37,6 +43,8 @@ def batchrenorm_apply(
     running statistics are then updated as BatchNorm's:
     `running = momentum * running + (1 - momentum) * batch`. With `r_max=1`
     and `d_max=0` this is BatchNorm. Eval mode is BatchNorm's eval mode.
+    `scale` is `1 + g` for a zero-centered `g`; with `modulation=(s, t)`,
+    `y * (1 + s) + t` follows, per example.
 
     Args:
       params: `NormParams` from `batchnorm_init`, fields of shape `(C,)`.
@@ -61,6 +69,14 @@ def batchrenorm_apply(
       skip_nonfinite: leave the running statistics and `count` as they were
         when this batch's statistics are not finite, as in `batchnorm_apply`.
         Default True.
+      momentum_warmup: the cumulative average while
+        `count < 1 / (1 - momentum)`, then the moving average, as in
+        `batchnorm_apply`. Default False.
+      zero_centered_scale: `params.scale` holds `g`, applied as `1 + g`.
+        Default False.
+      modulation: optional per-example `(scale, shift)`, as in
+        `batchnorm_apply`. Default None.
+      dtype: the output dtype, floating. Default None: `x`'s dtype.
 
     Returns:
       `(y, new_state)` as in `batchnorm_apply`.
@@ -82,10 +98,14 @@ def batchrenorm_apply(
     """
     feature_axis = batchnorm.check_inputs(params, state, x, train, axis, momentum, epsilon)
     checks.check_renorm_limits(r_max, d_max)
+    checks.check_momentum_warmup(momentum, momentum_warmup)
+    modulation = checks.check_modulation(modulation, x.shape, feature_axis)
+    out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if not train:
-        return batchnorm.normalize_with_running_stats(
-            params, state, x, feature_axis, epsilon
-        ), state
+        y = batchnorm.normalize_with_running_stats(
+            params, state, x, feature_axis, epsilon, zero_centered_scale
+        )
+        return output.finish(y, modulation, out_dtype), state
     batch = batchnorm.batch_statistics(
         x,
         feature_axis,
@@ -107,8 +127,9 @@ def batchrenorm_apply(
     d = (batch.mean - expand(running.mean).astype(dtype)) / sigma
     d = lax.stop_gradient(jnp.clip(d, -d_max, d_max))
     # ((x - mean) / sigma_B * r + d) * scale + bias, as one normalization.
-    scale = jnp.ones((), dtype) if params.scale is None else expand(params.scale).astype(dtype)
+    scale = output.learned_scale(params.scale, zero_centered_scale, dtype)
+    scale = jnp.ones((), dtype) if scale is None else expand(scale)
     bias = jnp.zeros((), dtype) if params.bias is None else expand(params.bias).astype(dtype)
     y = stats.normalize(batch.x, batch.mean, batch.var, scale * r, bias + scale * d, epsilon)
-    new_state = batchnorm.update_state(state, batch, momentum, skip_nonfinite)
-    return y.reshape(x.shape), new_state
+    new_state = batchnorm.update_state(state, batch, momentum, skip_nonfinite, momentum_warmup)
+    return output.finish(y.reshape(x.shape), modulation, out_dtype), new_state

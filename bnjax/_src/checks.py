@@ -5,6 +5,7 @@ there is one. Checks read only static information (shapes, dtypes, Python
 numbers), so they cost nothing inside a compiled function.
 """
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -194,4 +195,70 @@ def check_num_groups(num_groups: Any, num_channels: int) -> None:
     if num_channels % num_groups:
         raise ValueError(
             f"`num_groups` must divide the number of channels {num_channels}, got {num_groups}."
+        )
+
+
+def check_modulation(
+    modulation: Any, x_shape: tuple[int, ...], channel_axis: int
+) -> tuple[jax.Array | None, jax.Array | None] | None:
+    """`modulation=(scale, shift)`: per-example arrays of `x`'s rank that broadcast to it.
+
+    `channel_axis` only shapes the example in the message (`(N, 1, C)` for
+    tokens with channels last). Returns the pair as JAX arrays (or None).
+    """
+    if modulation is None:
+        return None
+    if not isinstance(modulation, tuple | list) or len(modulation) != 2:
+        raise TypeError(
+            "`modulation` must be a pair `(scale, shift)` (either may be None), "
+            f"got {type(modulation).__name__}"
+            f"{f' of length {len(modulation)}' if isinstance(modulation, tuple | list) else ''}."
+        )
+    ndim = len(x_shape)
+    example = tuple(n if a in (0, channel_axis) else 1 for a, n in enumerate(x_shape))
+    checked = []
+    for index, part in enumerate(modulation):
+        if part is None:
+            checked.append(None)
+            continue
+        name = f"modulation[{index}]"
+        part = jnp.asarray(part)
+        check_floating(part, name)
+        fits = part.ndim == ndim and all(
+            m in (1, n) for m, n in zip(part.shape, x_shape, strict=True)
+        )
+        if not fits:
+            hint = f", e.g. `{name}.reshape{example}`" if part.size == math.prod(example) else ""
+            raise ValueError(
+                f"`{name}` ({('scale', 'shift')[index]}) must have `x`'s rank {ndim} and each "
+                f"axis 1 or `x`'s size (`x` has shape {x_shape}), got shape {part.shape}. A "
+                f"per-example modulation of `x`'s channels has shape {example}{hint}."
+            )
+        checked.append(part)
+    return checked[0], checked[1]
+
+
+def check_output_dtype(dtype: Any, x_dtype: jnp.dtype) -> jnp.dtype:
+    """`dtype=`: the output dtype, a floating dtype; None means `x`'s."""
+    if dtype is None:
+        return jnp.dtype(x_dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"`dtype` must be a floating dtype or None, got {dtype!r}.") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`dtype` must be a floating dtype or None, got {dtype}. "
+            "The output of a normalizer is floating, e.g. `dtype=jnp.bfloat16`."
+        )
+    return dtype
+
+
+def check_momentum_warmup(momentum: Any, momentum_warmup: bool) -> None:
+    """The warm-up's length, `1 / (1 - momentum)` updates, is fixed at trace time."""
+    if momentum_warmup and isinstance(momentum, jax.core.Tracer):
+        raise TypeError(
+            "`momentum` must be a Python number with `momentum_warmup=True` (the "
+            f"warm-up lasts `1 / (1 - momentum)` updates), got a traced value ({momentum.aval}). "
+            "Close over it, or mark it static."
         )

@@ -2,8 +2,10 @@
 
 Each factory takes the keyword arguments of the matching `*_init` and
 `*_apply` functions and returns closures over them, so that every normalizer
-has the signature `apply(params, state, x, train)`. Hyperparameters are
-checked once, when the factory is called.
+has the signature `apply(params, state, x, train, *, mask=None,
+modulation=None)`. `zero_centered_scale` is bound into both `init` and
+`apply`, so the two always agree. Hyperparameters are checked once, when
+the factory is called.
 """
 
 from collections.abc import Callable, Sequence
@@ -30,9 +32,12 @@ def batchnorm(
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
+    momentum_warmup: bool = False,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> Normalizer:
     """BatchNorm as a `Normalizer`; see `batchnorm_init` and `batchnorm_apply`.
 
@@ -43,7 +48,7 @@ def batchnorm(
     """
     return _batch_normalizer(
         batchnorm_apply,
-        _ParamSpec(use_scale, use_bias, param_dtype),
+        _ParamSpec(use_scale, use_bias, zero_centered_scale, param_dtype),
         axis=axis,
         momentum=momentum,
         epsilon=epsilon,
@@ -51,6 +56,8 @@ def batchnorm(
         virtual_batch_size=virtual_batch_size,
         unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite,
+        momentum_warmup=momentum_warmup,
+        dtype=dtype,
     )
 
 
@@ -65,15 +72,18 @@ def batchrenorm(
     virtual_batch_size: int | None = None,
     unbiased_running_var: bool = False,
     skip_nonfinite: bool = True,
+    momentum_warmup: bool = False,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> Normalizer:
     """Batch Renormalization as a `Normalizer`; see `batchrenorm_apply`."""
     checks.check_renorm_limits(r_max, d_max)
     return _batch_normalizer(
         batchrenorm_apply,
-        _ParamSpec(use_scale, use_bias, param_dtype),
+        _ParamSpec(use_scale, use_bias, zero_centered_scale, param_dtype),
         r_max=r_max,
         d_max=d_max,
         axis=axis,
@@ -83,6 +93,8 @@ def batchrenorm(
         virtual_batch_size=virtual_batch_size,
         unbiased_running_var=unbiased_running_var,
         skip_nonfinite=skip_nonfinite,
+        momentum_warmup=momentum_warmup,
+        dtype=dtype,
     )
 
 
@@ -92,7 +104,9 @@ def layernorm(
     epsilon: float = 1e-5,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> Normalizer:
     """LayerNorm as a stateless `Normalizer`; see `layernorm_apply`.
 
@@ -104,10 +118,15 @@ def layernorm(
         axes = checks.normalize_axes(axis, len(input_shape))
         feature_shape = tuple(input_shape[a] for a in axes)
         return layernorm_init(
-            feature_shape, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+            feature_shape,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
         )
 
-    return _stateless(init, layernorm_apply, dict(axis=axis, epsilon=epsilon))
+    hyper = dict(axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale)
+    return _stateless(init, layernorm_apply, hyper, dtype)
 
 
 def rmsnorm(
@@ -115,17 +134,32 @@ def rmsnorm(
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-6,
     use_scale: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> Normalizer:
-    """RMSNorm as a stateless `Normalizer`; see `rmsnorm_apply`."""
+    """RMSNorm as a stateless `Normalizer`; see `rmsnorm_apply`.
+
+    Example (Gemma's RMSNorm: the scale stored as `g`, applied as `1 + g`):
+      >>> norm = bnjax.rmsnorm(zero_centered_scale=True)
+      >>> params, _ = norm.init((2, 8))
+      >>> params.scale[:3]
+      Array([0., 0., 0.], dtype=float32)
+    """
     checks.check_epsilon(epsilon)
 
     def init(input_shape: Sequence[int]) -> NormParams:
         axes = checks.normalize_axes(axis, len(input_shape))
         feature_shape = tuple(input_shape[a] for a in axes)
-        return rmsnorm_init(feature_shape, use_scale=use_scale, param_dtype=param_dtype)
+        return rmsnorm_init(
+            feature_shape,
+            use_scale=use_scale,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+        )
 
-    return _stateless(init, rmsnorm_apply, dict(axis=axis, epsilon=epsilon))
+    hyper = dict(axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale)
+    return _stateless(init, rmsnorm_apply, hyper, dtype)
 
 
 def groupnorm(
@@ -135,7 +169,9 @@ def groupnorm(
     epsilon: float = 1e-5,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> Normalizer:
     """GroupNorm as a stateless `Normalizer`; see `groupnorm_apply`."""
     checks.check_size("num_groups", num_groups)
@@ -145,11 +181,17 @@ def groupnorm(
         num_channels = input_shape[checks.check_channel_axis(axis, len(input_shape))]
         checks.check_num_groups(num_groups, num_channels)
         return groupnorm_init(
-            num_channels, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+            num_channels,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
         )
 
-    hyper = dict(num_groups=num_groups, axis=axis, epsilon=epsilon)
-    return _stateless(init, groupnorm_apply, hyper)
+    hyper = dict(
+        num_groups=num_groups, axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale
+    )
+    return _stateless(init, groupnorm_apply, hyper, dtype)
 
 
 def instancenorm(
@@ -158,7 +200,9 @@ def instancenorm(
     epsilon: float = 1e-5,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> Normalizer:
     """InstanceNorm as a stateless `Normalizer`; see `instancenorm_apply`."""
     checks.check_epsilon(epsilon)
@@ -166,10 +210,15 @@ def instancenorm(
     def init(input_shape: Sequence[int]) -> NormParams:
         num_channels = input_shape[checks.check_channel_axis(axis, len(input_shape))]
         return groupnorm_init(
-            num_channels, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+            num_channels,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
         )
 
-    return _stateless(init, instancenorm_apply, dict(axis=axis, epsilon=epsilon))
+    hyper = dict(axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale)
+    return _stateless(init, instancenorm_apply, hyper, dtype)
 
 
 class _ParamSpec(NamedTuple):
@@ -177,6 +226,7 @@ class _ParamSpec(NamedTuple):
 
     use_scale: bool
     use_bias: bool
+    zero_centered_scale: bool
     param_dtype: Any
 
 
@@ -185,14 +235,25 @@ def _batch_normalizer(
 ) -> Normalizer:
     """BatchNorm-like: `batchnorm_init`'s params and state, `apply_fn` bound to `hyper`."""
     checks.check_momentum(hyper["momentum"])
+    checks.check_momentum_warmup(hyper["momentum"], hyper["momentum_warmup"])
     checks.check_epsilon(hyper["epsilon"])
+    checks.check_output_dtype(hyper["dtype"], jnp.float32)
 
     def init(input_shape: Sequence[int]) -> tuple[NormParams, Any]:
         axis = checks.check_feature_axis(hyper["axis"], len(input_shape))
         return batchnorm_init(input_shape[axis], **spec._asdict())
 
-    def apply(params, state, x, train, *, mask=None):
-        return apply_fn(params, state, x, train, mask=mask, **hyper)
+    def apply(params, state, x, train, *, mask=None, modulation=None):
+        return apply_fn(
+            params,
+            state,
+            x,
+            train,
+            mask=mask,
+            modulation=modulation,
+            zero_centered_scale=spec.zero_centered_scale,
+            **hyper,
+        )
 
     return Normalizer(init, apply)
 
@@ -201,14 +262,16 @@ def _stateless(
     init_params: Callable[[Sequence[int]], NormParams],
     apply_fn: Callable[..., jax.Array],
     hyper: dict[str, Any],
+    dtype: Any,
 ) -> Normalizer:
     """Wraps a normalizer without running state: `state` is `None` throughout."""
+    checks.check_output_dtype(dtype, jnp.float32)
 
     def init(input_shape: Sequence[int]) -> tuple[NormParams, None]:
         return init_params(input_shape), None
 
-    def apply(params, state, x, train, *, mask=None):
+    def apply(params, state, x, train, *, mask=None, modulation=None):
         checks.check_train(train)
-        return apply_fn(params, x, mask=mask, **hyper), state
+        return apply_fn(params, x, mask=mask, modulation=modulation, dtype=dtype, **hyper), state
 
     return Normalizer(init, apply)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import checks
+from bnjax._src import checks, output
 from bnjax._src.types import BatchStats, NormParams
 
 
@@ -21,6 +21,7 @@ def fold_batchnorm_after(
     state: BatchStats,
     *,
     epsilon: float = 1e-5,
+    zero_centered_scale: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Folds an eval-mode BatchNorm into the Dense or Conv layer before it.
 
@@ -41,6 +42,8 @@ def fold_batchnorm_after(
       params: the BatchNorm's `NormParams`, fields `(C,)` or None.
       state: the BatchNorm's `BatchStats`, `mean` and `var` of shape `(C,)`.
       epsilon: the BatchNorm's epsilon, > 0. Default 1e-5.
+      zero_centered_scale: the BatchNorm's `params.scale` holds `g`, applied
+        as `1 + g` (as in `batchnorm_apply`). Default False.
 
     Returns:
       `(kernel', bias')`: `kernel'` of `kernel`'s shape and dtype, `bias'` of
@@ -66,7 +69,7 @@ def fold_batchnorm_after(
     num_features = jnp.shape(kernel)[-1] if jnp.ndim(kernel) else 0
     _check_batchnorm(params, state, bias, num_features, "`kernel.shape[-1]`")
     dtype = _compute_dtype(kernel, bias, params, state)
-    factor, shift = _affine(params, state, epsilon, dtype)
+    factor, shift = _affine(params, state, epsilon, zero_centered_scale, dtype)
     new_kernel = kernel.astype(dtype) * factor.reshape((1,) * (kernel.ndim - 1) + (-1,))
     old_bias = jnp.zeros((), dtype) if bias is None else bias.astype(dtype)
     new_bias = old_bias * factor + shift
@@ -81,6 +84,7 @@ def fold_batchnorm_before_dense(
     state: BatchStats,
     *,
     epsilon: float = 1e-5,
+    zero_centered_scale: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Folds an eval-mode BatchNorm on a Dense layer's input into the layer.
 
@@ -101,6 +105,8 @@ def fold_batchnorm_before_dense(
       params: the BatchNorm's `NormParams`, fields `(C,)` or None.
       state: the BatchNorm's `BatchStats`, `mean` and `var` of shape `(C,)`.
       epsilon: the BatchNorm's epsilon, > 0. Default 1e-5.
+      zero_centered_scale: the BatchNorm's `params.scale` holds `g`, applied
+        as `1 + g`. Default False.
 
     Returns:
       `(kernel', bias')`: `kernel'` of `kernel`'s shape and dtype, `bias'` of
@@ -127,7 +133,7 @@ def fold_batchnorm_before_dense(
     _check_batchnorm(params, state, None, num_in, "`kernel.shape[0]`")
     checks.check_param_shape("bias", bias, (num_out,), "`kernel.shape[1]`")
     dtype = _compute_dtype(kernel, bias, params, state)
-    factor, shift = _affine(params, state, epsilon, dtype)
+    factor, shift = _affine(params, state, epsilon, zero_centered_scale, dtype)
     kernel_c = kernel.astype(dtype)
     new_kernel = factor[:, None] * kernel_c
     new_bias = jnp.dot(shift, kernel_c, precision=lax.Precision.HIGHEST)
@@ -138,13 +144,18 @@ def fold_batchnorm_before_dense(
 
 
 def _affine(
-    params: NormParams, state: BatchStats, epsilon: float, dtype: jnp.dtype
+    params: NormParams,
+    state: BatchStats,
+    epsilon: float,
+    zero_centered_scale: bool,
+    dtype: jnp.dtype,
 ) -> tuple[jax.Array, jax.Array]:
     """Eval-mode BatchNorm as `z * factor + shift`, per feature."""
     mean = state.mean.astype(dtype)
     factor = lax.rsqrt(state.var.astype(dtype) + epsilon)
-    if params.scale is not None:
-        factor = factor * params.scale.astype(dtype)
+    scale = output.learned_scale(params.scale, zero_centered_scale, dtype)
+    if scale is not None:
+        factor = factor * scale
     shift = -mean * factor
     if params.bias is not None:
         shift = shift + params.bias.astype(dtype)

@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import checks, stats
+from bnjax._src import checks, output, stats
 from bnjax._src.types import NormParams
 
 
@@ -14,6 +14,7 @@ def groupnorm_init(
     *,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
 ) -> NormParams:
     """Creates GroupNorm (or InstanceNorm) parameters.
@@ -22,6 +23,9 @@ def groupnorm_init(
       num_features: `C`, the size of the channel axis, a positive int.
       use_scale: learn a per-channel scale (initialized to 1). Default True.
       use_bias: learn a per-channel bias (initialized to 0). Default True.
+      zero_centered_scale: store the scale as `g`, initialized to 0, which
+        the apply functions given `zero_centered_scale=True` apply as
+        `1 + g`. Default False.
       param_dtype: dtype of the parameters. Default float32.
 
     Returns:
@@ -32,9 +36,10 @@ def groupnorm_init(
       (64,)
     """
     checks.check_size("num_features", num_features)
+    shape = (num_features,)
     return NormParams(
-        scale=jnp.ones((num_features,), param_dtype) if use_scale else None,
-        bias=jnp.zeros((num_features,), param_dtype) if use_bias else None,
+        scale=output.initial_scale(shape, zero_centered_scale, param_dtype) if use_scale else None,
+        bias=jnp.zeros(shape, param_dtype) if use_bias else None,
     )
 
 
@@ -46,6 +51,9 @@ def groupnorm_apply(
     axis: int = -1,
     epsilon: float = 1e-5,
     mask: jax.Array | None = None,
+    zero_centered_scale: bool = False,
+    modulation: output.Modulation | None = None,
+    dtype: Any = None,
 ) -> jax.Array:
     """Normalizes each example over groups of channels.
 
@@ -54,7 +62,9 @@ def groupnorm_apply(
     example (axis 0) and group, `mean` and the biased `var` are taken over
     all non-batch axes within the group, and
     `y = (x - mean) / sqrt(var + epsilon) * scale + bias` with per-channel
-    `scale` and `bias`. There is no running state.
+    `scale` (`1 + g` for a zero-centered `g`) and `bias`. With
+    `modulation=(s, t)`, `y * (1 + s) + t` follows, per example (FiLM,
+    class-conditional GANs). There is no running state.
 
     Args:
       params: `NormParams` from `groupnorm_init(C)`, fields of shape `(C,)`.
@@ -72,15 +82,23 @@ def groupnorm_apply(
         aligned with `x`'s leading axes and must stop before the channel
         axis (e.g. `(N,)`, or `(N, H, W)` for NHWC). False entries do not
         contribute; their outputs are still computed.
+      zero_centered_scale: `params.scale` holds `g` and is applied as
+        `1 + g`, in the statistics dtype. Default False.
+      modulation: optional per-example `(scale, shift)`: arrays of `x`'s
+        rank, each axis 1 or `x`'s size (`(N, 1, 1, C)` for NHWC,
+        `(N, C, 1, 1)` for NCHW), applied after the learned affine as
+        `y * (1 + scale) + shift`. Either may be None.
+      dtype: the output dtype, floating. Default None: `x`'s dtype.
 
     Returns:
-      `y`, of `x`'s shape and dtype.
+      `y`, of `x`'s shape and of dtype `dtype`, computed in the statistics
+      dtype and rounded once.
 
     Raises:
-      TypeError: `x` or `mask` has the wrong dtype.
+      TypeError: `x`, `mask`, `modulation` or `dtype` has the wrong dtype.
       ValueError: params do not have shape `(C,)`; `axis` is out of range or
-        0; `num_groups` does not divide `C`; `mask` is not broadcastable;
-        `epsilon <= 0`.
+        0; `num_groups` does not divide `C`; `mask` or `modulation` is not
+        broadcastable; `epsilon <= 0`.
 
     Example:
       >>> params = bnjax.groupnorm_init(4)
@@ -100,6 +118,8 @@ def groupnorm_apply(
     what = f"`x.shape[{channel_axis}]` = {num_channels}"
     checks.check_param_shape("params.scale", params.scale, (num_channels,), what)
     checks.check_param_shape("params.bias", params.bias, (num_channels,), what)
+    modulation = checks.check_modulation(modulation, x.shape, channel_axis)
+    out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if mask is not None:
         mask = checks.broadcast_mask(mask, x.shape, channel_axis)
         mask = mask.reshape(*mask.shape[: channel_axis + 1], 1, *mask.shape[channel_axis + 1 :])
@@ -121,10 +141,11 @@ def groupnorm_apply(
         p = p.reshape(num_groups, num_channels // num_groups)
         return stats.broadcast_to_axes(p, grouped.ndim, (channel_axis, channel_axis + 1))
 
+    scale = output.learned_scale(params.scale, zero_centered_scale, moments.mean.dtype)
     y = stats.normalize(
-        grouped, moments.mean, moments.var, expand(params.scale), expand(params.bias), epsilon
+        grouped, moments.mean, moments.var, expand(scale), expand(params.bias), epsilon
     )
-    return y.reshape(x.shape)
+    return output.finish(y.reshape(x.shape), modulation, out_dtype)
 
 
 def instancenorm_apply(
@@ -134,6 +155,9 @@ def instancenorm_apply(
     axis: int = -1,
     epsilon: float = 1e-5,
     mask: jax.Array | None = None,
+    zero_centered_scale: bool = False,
+    modulation: output.Modulation | None = None,
+    dtype: Any = None,
 ) -> jax.Array:
     """Normalizes each channel of each example over its other axes.
 
@@ -148,9 +172,14 @@ def instancenorm_apply(
       epsilon: added to the variance, > 0. Default 1e-5.
       mask: optional boolean mask of contributing entries, as in
         `groupnorm_apply`.
+      zero_centered_scale: `params.scale` holds `g`, applied as `1 + g`.
+        Default False.
+      modulation: optional per-example `(scale, shift)`, as in
+        `groupnorm_apply`. Default None.
+      dtype: the output dtype, floating. Default None: `x`'s dtype.
 
     Returns:
-      `y`, of `x`'s shape and dtype.
+      `y`, of `x`'s shape and of dtype `dtype`.
 
     Raises:
       TypeError, ValueError: as `groupnorm_apply`.
@@ -169,5 +198,13 @@ def instancenorm_apply(
     checks.check_floating(x)
     num_channels = x.shape[checks.check_channel_axis(axis, x.ndim)]
     return groupnorm_apply(
-        params, x, num_groups=num_channels, axis=axis, epsilon=epsilon, mask=mask
+        params,
+        x,
+        num_groups=num_channels,
+        axis=axis,
+        epsilon=epsilon,
+        mask=mask,
+        zero_centered_scale=zero_centered_scale,
+        modulation=modulation,
+        dtype=dtype,
     )

@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import checks, stats
+from bnjax._src import checks, output, stats
 from bnjax._src.types import NormParams
 
 
@@ -15,6 +15,7 @@ def layernorm_init(
     *,
     use_scale: bool = True,
     use_bias: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
 ) -> NormParams:
     """Creates LayerNorm parameters.
@@ -27,6 +28,9 @@ def layernorm_init(
         Default True.
       use_bias: learn a bias per normalized position (initialized to 0).
         Default True.
+      zero_centered_scale: store the scale as `g`, initialized to 0, which
+        `layernorm_apply(..., zero_centered_scale=True)` applies as `1 + g`
+        (Transformer Engine's `zero_centered_gamma`). Default False.
       param_dtype: dtype of the parameters. Default float32.
 
     Returns:
@@ -40,7 +44,7 @@ def layernorm_init(
     for i, n in enumerate(shape):
         checks.check_size(f"feature_shape[{i}]", n)
     return NormParams(
-        scale=jnp.ones(shape, param_dtype) if use_scale else None,
+        scale=output.initial_scale(shape, zero_centered_scale, param_dtype) if use_scale else None,
         bias=jnp.zeros(shape, param_dtype) if use_bias else None,
     )
 
@@ -52,13 +56,18 @@ def layernorm_apply(
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-5,
     mask: jax.Array | None = None,
+    zero_centered_scale: bool = False,
+    modulation: output.Modulation | None = None,
+    dtype: Any = None,
 ) -> jax.Array:
     """Normalizes each example of `x` over the axes `axis`.
 
     `y = (x - mean) / sqrt(var + epsilon) * scale + bias`, where `mean` and
     the biased `var` are taken per example over the normalized axes, and
-    `scale` and `bias` hold one value per position of those axes. There is
-    no running state: training and evaluation compute the same thing.
+    `scale` and `bias` hold one value per position of those axes (`scale`
+    is `1 + g` for a zero-centered scale `g`). With `modulation=(s, t)`,
+    `y * (1 + s) + t` follows, per example. There is no running state:
+    training and evaluation compute the same thing.
 
     Args:
       params: `NormParams` from `layernorm_init(feature_shape)`, fields of
@@ -75,15 +84,27 @@ def layernorm_apply(
         e.g. `(N, T)` for the padded tokens of `(N, T, C)` normalized over
         `axis=(1, 2)`. False entries do not contribute; their outputs are
         still computed.
+      zero_centered_scale: `params.scale` holds `g` and is applied as
+        `1 + g`, in the statistics dtype (from
+        `layernorm_init(..., zero_centered_scale=True)`). Default False.
+      modulation: optional `(scale, shift)` computed per example, e.g. from
+        a timestep or class embedding (DiT's adaLN; FiLM's `gamma` is
+        `1 + scale`): arrays of `x`'s rank, each axis 1 or `x`'s size
+        (`(N, 1, C)` for tokens `(N, T, C)`), applied after the learned
+        affine as `y * (1 + scale) + shift`. Either may be None. Gradients
+        reach both.
+      dtype: the output dtype, floating. Default None: `x`'s dtype.
 
     Returns:
-      `y`, of `x`'s shape and dtype.
+      `y`, of `x`'s shape and of dtype `dtype`. Everything up to the output
+      is computed in the statistics dtype (float32 for bfloat16/float16
+      inputs) and rounded once.
 
     Raises:
-      TypeError: `x` or `mask` has the wrong dtype.
+      TypeError: `x`, `mask`, `modulation` or `dtype` has the wrong dtype.
       ValueError: `axis` is out of range or repeated; params do not have the
-        shape of the normalized axes; `mask` is not broadcastable;
-        `epsilon <= 0`.
+        shape of the normalized axes; `mask` or `modulation` is not
+        broadcastable; `epsilon <= 0`.
 
     Example:
       >>> params = bnjax.layernorm_init(4)
@@ -96,12 +117,16 @@ def layernorm_apply(
       Ba, Kiros & Hinton 2016, Layer Normalization, arXiv:1607.06450.
     """
     axes = check_inputs(params, x, axis, epsilon)
+    modulation = checks.check_modulation(modulation, x.shape, axes[-1])
+    out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if mask is not None:
         mask = checks.broadcast_mask(mask, x.shape, None)
     batch = stats.moments(x, axes, mask=mask)
-    scale = stats.broadcast_to_axes(params.scale, x.ndim, axes)
+    scale = output.learned_scale(params.scale, zero_centered_scale, batch.mean.dtype)
+    scale = stats.broadcast_to_axes(scale, x.ndim, axes)
     bias = stats.broadcast_to_axes(params.bias, x.ndim, axes)
-    return stats.normalize(x, batch.mean, batch.var, scale, bias, epsilon)
+    y = stats.normalize(x, batch.mean, batch.var, scale, bias, epsilon)
+    return output.finish(y, modulation, out_dtype)
 
 
 def check_inputs(

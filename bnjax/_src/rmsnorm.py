@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src import checks, layernorm, stats
+from bnjax._src import checks, layernorm, output, stats
 from bnjax._src.types import NormParams
 
 
@@ -15,6 +15,7 @@ def rmsnorm_init(
     feature_shape: int | Sequence[int],
     *,
     use_scale: bool = True,
+    zero_centered_scale: bool = False,
     param_dtype: Any = jnp.float32,
 ) -> NormParams:
     """Creates RMSNorm parameters: a scale and no bias.
@@ -24,6 +25,9 @@ def rmsnorm_init(
         order (an int for one axis).
       use_scale: learn a scale per normalized position (initialized to 1).
         Default True.
+      zero_centered_scale: store the scale as `g`, initialized to 0, which
+        `rmsnorm_apply(..., zero_centered_scale=True)` applies as `1 + g`
+        (Gemma's RMSNorm). Default False.
       param_dtype: dtype of the scale. Default float32.
 
     Returns:
@@ -34,7 +38,11 @@ def rmsnorm_init(
       True
     """
     return layernorm.layernorm_init(
-        feature_shape, use_scale=use_scale, use_bias=False, param_dtype=param_dtype
+        feature_shape,
+        use_scale=use_scale,
+        use_bias=False,
+        zero_centered_scale=zero_centered_scale,
+        param_dtype=param_dtype,
     )
 
 
@@ -45,11 +53,17 @@ def rmsnorm_apply(
     axis: int | Sequence[int] = -1,
     epsilon: float = 1e-6,
     mask: jax.Array | None = None,
+    zero_centered_scale: bool = False,
+    modulation: output.Modulation | None = None,
+    dtype: Any = None,
 ) -> jax.Array:
     """Divides each example by its root mean square over the axes `axis`.
 
     `y = x / sqrt(mean(x**2) + epsilon) * scale`, the mean taken per example
     over the normalized axes. No mean is subtracted and there is no bias.
+    A zero-centered scale `g` applies as `1 + g` (Gemma's
+    `x / rms(x) * (1 + g)`); with `modulation=(s, t)`, `y * (1 + s) + t`
+    follows, per example.
 
     Args:
       params: `NormParams` from `rmsnorm_init(feature_shape)`; `scale` of the
@@ -60,15 +74,21 @@ def rmsnorm_apply(
       epsilon: added to the mean square, > 0. Default 1e-6.
       mask: optional boolean array of entries that contribute to the mean
         square, by the one mask rule (see `layernorm_apply`).
+      zero_centered_scale: `params.scale` holds `g` and is applied as
+        `1 + g`, in the statistics dtype. Default False.
+      modulation: optional per-example `(scale, shift)`, as in
+        `layernorm_apply`. Default None.
+      dtype: the output dtype, floating. Default None: `x`'s dtype.
 
     Returns:
-      `y`, of `x`'s shape and dtype.
+      `y`, of `x`'s shape and of dtype `dtype`, computed in the statistics
+      dtype and rounded once.
 
     Raises:
-      TypeError: `x` or `mask` has the wrong dtype.
+      TypeError: `x`, `mask`, `modulation` or `dtype` has the wrong dtype.
       ValueError: `axis` is out of range or repeated; `scale` does not have
-        the normalized axes' shape; `mask` is not broadcastable;
-        `epsilon <= 0`.
+        the normalized axes' shape; `mask` or `modulation` is not
+        broadcastable; `epsilon <= 0`.
 
     Example:
       >>> params = bnjax.rmsnorm_init(2)
@@ -80,6 +100,8 @@ def rmsnorm_apply(
       arXiv:1910.07467.
     """
     axes = layernorm.check_inputs(params, x, axis, epsilon)
+    modulation = checks.check_modulation(modulation, x.shape, axes[-1])
+    out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if mask is not None:
         mask = checks.broadcast_mask(mask, x.shape, None)
     mean_square = stats.mean_square(x, axes, mask=mask)
@@ -87,8 +109,9 @@ def rmsnorm_apply(
     # Scaling by the per-example factor before the per-feature scale (rather
     # than by their full-size product) saves autodiff two passes over `x`.
     y = x.astype(dtype) * lax.rsqrt(mean_square + epsilon)
-    if params.scale is not None:
-        y = y * stats.broadcast_to_axes(params.scale, x.ndim, axes).astype(dtype)
+    scale = output.learned_scale(params.scale, zero_centered_scale, dtype)
+    if scale is not None:
+        y = y * stats.broadcast_to_axes(scale, x.ndim, axes)
     if params.bias is not None:
         y = y + stats.broadcast_to_axes(params.bias, x.ndim, axes).astype(dtype)
-    return y.astype(x.dtype)
+    return output.finish(y, modulation, out_dtype)

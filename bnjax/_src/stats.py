@@ -323,12 +323,13 @@ def normalize(
     bias: jax.Array | None,
     epsilon: float,
 ) -> jax.Array:
-    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, in `x`'s dtype.
+    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, in the statistics dtype.
 
     All statistics and parameters must already broadcast against `x` at its
     rank. The arithmetic runs in the statistics dtype and fuses into one
-    elementwise pass. Subtracting the mean before scaling keeps the result
-    exact for inputs with a large mean.
+    elementwise pass, with the caller's modulation and cast to the output
+    dtype (`output.finish`). Subtracting the mean before scaling keeps the
+    result exact for inputs with a large mean.
     """
     dtype = stats_dtype(x.dtype)
     factor = lax.rsqrt(var.astype(dtype) + epsilon)
@@ -340,7 +341,7 @@ def normalize(
         # to one reduction of its own kind.
         y = (x.astype(dtype) - mean.astype(dtype)) * factor
         y = y if scale is None else y * scale.astype(dtype)
-        return (y if bias is None else y + bias.astype(dtype)).astype(x.dtype)
+        return y if bias is None else y + bias.astype(dtype)
     if scale is not None:
         factor = factor * scale.astype(dtype)
     # `(x - mean) * factor + bias`, written so that the gradient reaches
@@ -361,7 +362,7 @@ def normalize(
         _merge_runs(jnp.broadcast_to(c, shape), runs) for c in (fixed_mean, factor, offset)
     )
     y = (_merge_runs(x.astype(dtype), runs) - fixed_mean) * factor + offset
-    return y.reshape(x.shape).astype(x.dtype)
+    return y.reshape(x.shape)
 
 
 def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:

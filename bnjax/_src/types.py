@@ -94,6 +94,7 @@ class ApplyFn(Protocol):
         train: bool,
         *,
         mask: jax.Array | None = None,
+        modulation: tuple[jax.Array | None, jax.Array | None] | None = None,
     ) -> tuple[jax.Array, Any]:
         """Returns `(y, new_state)`.
 
@@ -108,10 +109,16 @@ class ApplyFn(Protocol):
             `x`'s rank it broadcasts by numpy's rules; with fewer axes it is
             aligned with `x`'s leading axes (`(N,)` masks examples); it
             never varies along a feature axis.
+          modulation: optional per-example `(scale, shift)`, arrays of
+            `x`'s rank that broadcast to it (`(N, 1, C)` for tokens
+            `(N, T, C)`, `(N, 1, 1, C)` for NHWC images), applied after the
+            learned affine as `y * (1 + scale) + shift`, in the statistics
+            dtype. Either may be None.
 
         Returns:
-          `(y, new_state)`: `y` of `x`'s shape and dtype; `new_state` is
-          `state` for stateless normalizers and in eval mode.
+          `(y, new_state)`: `y` of `x`'s shape, in the factory's `dtype`
+          (default `x`'s); `new_state` is `state` for stateless normalizers
+          and in eval mode.
         """
 
 
@@ -123,7 +130,8 @@ class Normalizer(NamedTuple):
 
     Attributes:
       init: `init(input_shape) -> (params, state)`.
-      apply: `apply(params, state, x, train, *, mask=None) -> (y, new_state)`.
+      apply: `apply(params, state, x, train, *, mask=None, modulation=None)
+        -> (y, new_state)`.
     """
 
     init: InitFn
