@@ -382,3 +382,46 @@ def groupnorm_grads(x, scale, cotangent, *, num_groups, axis=-1, epsilon=1e-5, m
         (cl * xhat).sum(axis=per_channel),
         cl.sum(axis=per_channel),
     )
+
+
+def modulate(y, scale, shift):
+    """Per-example conditioning in float64: `y * (1 + scale) + shift` (None: left out)."""
+    y = np.asarray(y, np.float64)
+    if scale is not None:
+        y = y * (1 + np.asarray(scale, np.float64))
+    if shift is not None:
+        y = y + np.asarray(shift, np.float64)
+    return y
+
+
+def gemma_rmsnorm(x, g, *, axes=(-1,), epsilon=1e-6):
+    """Gemma's RMSNorm in float64: `x / sqrt(mean(x**2) + epsilon) * (1 + g)`, g zero-centered."""
+    return rmsnorm(x, 1 + np.asarray(g, np.float64), axes=axes, epsilon=epsilon)
+
+
+def running_stats_with_warmup(batch_means, batch_vars, momentum, *, mean=0.0, var=1.0):
+    """Running statistics after each batch, with SPEC's warm-up, in float64.
+
+    Update `k` (0-based, `k` = the count before it) is the cumulative average
+    `running + (batch - running) / (k + 1)` while `k < 1 / (1 - momentum)`,
+    with `1 / (1 - momentum)` taken exactly from the momentum's decimal
+    digits, then `momentum * running + (1 - momentum) * batch`. Returns the
+    list of `(mean, var)` after each update.
+    """
+    from fractions import Fraction
+
+    m = Fraction(repr(float(momentum)))
+    mean = np.broadcast_to(np.asarray(mean, np.float64), np.shape(batch_means[0]))
+    var = np.broadcast_to(np.asarray(var, np.float64), np.shape(batch_vars[0]))
+    history = []
+    for k, (batch_mean, batch_var) in enumerate(zip(batch_means, batch_vars, strict=True)):
+        batch_mean = np.asarray(batch_mean, np.float64)
+        batch_var = np.asarray(batch_var, np.float64)
+        if m == 1 or k < 1 / (1 - m):
+            mean = mean + (batch_mean - mean) / (k + 1)
+            var = var + (batch_var - var) / (k + 1)
+        else:
+            mean = float(m) * mean + (1 - float(m)) * batch_mean
+            var = float(m) * var + (1 - float(m)) * batch_var
+        history.append((mean, var))
+    return history
