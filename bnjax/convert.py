@@ -14,10 +14,12 @@ from bnjax._src.convert.pytorch import from_torch_batchnorm as from_torch_batchn
 from bnjax._src.convert.pytorch import from_torch_groupnorm as from_torch_groupnorm
 from bnjax._src.convert.pytorch import from_torch_layernorm as from_torch_layernorm
 from bnjax._src.convert.pytorch import from_torch_momentum as from_torch_momentum
+from bnjax._src.convert.pytorch import from_torch_rmsnorm as from_torch_rmsnorm
 from bnjax._src.convert.pytorch import to_torch_batchnorm as to_torch_batchnorm
 from bnjax._src.convert.pytorch import to_torch_groupnorm as to_torch_groupnorm
 from bnjax._src.convert.pytorch import to_torch_layernorm as to_torch_layernorm
 from bnjax._src.convert.pytorch import to_torch_momentum as to_torch_momentum
+from bnjax._src.convert.pytorch import to_torch_rmsnorm as to_torch_rmsnorm
 
 __all__ = [
     "from_flax_batchnorm",
@@ -27,6 +29,7 @@ __all__ = [
     "from_torch_groupnorm",
     "from_torch_layernorm",
     "from_torch_momentum",
+    "from_torch_rmsnorm",
     "to_flax_batchnorm",
     "to_haiku_batchnorm",
     "to_keras_batchnorm",
@@ -34,4 +37,5 @@ __all__ = [
     "to_torch_groupnorm",
     "to_torch_layernorm",
     "to_torch_momentum",
+    "to_torch_rmsnorm",
 ]

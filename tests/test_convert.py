@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+import torch.nn.functional as F
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -268,6 +269,53 @@ def test_torch_groupnorm_gives_same_outputs_and_round_trips():
     assert back.keys() == module.state_dict().keys()
     for key, value in back.items():
         np.testing.assert_array_equal(value, module.state_dict()[key].numpy())
+
+
+@pytest.mark.parametrize("normalized_shape", [(6,), (4, 5)], ids=["last-1", "last-2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_torch_rmsnorm_gives_same_outputs_and_round_trips_bit_exact(normalized_shape, dtype):
+    module = _randomize(torch.nn.RMSNorm(normalized_shape, eps=1e-6), 11).to(dtype)
+    x = np.random.default_rng(12).normal(size=(3, 2, *normalized_shape)).astype(np.float32)
+
+    params = convert.from_torch_rmsnorm(module.state_dict())
+    assert params.bias is None
+    y = bnjax.rmsnorm_apply(
+        params, jnp.asarray(x), axis=tuple(range(-len(normalized_shape), 0)), epsilon=1e-6
+    )
+
+    expected = module.float()(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(y, expected, **TOL["float32"])
+    back = convert.to_torch_rmsnorm(params)
+    assert back.keys() == module.state_dict().keys()
+    for key, value in back.items():
+        original = module.to(dtype).state_dict()[key]
+        assert str(value.dtype) == str(original.dtype).removeprefix("torch.")
+        np.testing.assert_array_equal(value.astype(np.float32), original.float().numpy())
+
+
+def test_torch_rmsnorm_without_weight_converts_to_no_scale_and_back():
+    module = torch.nn.RMSNorm(6, elementwise_affine=False)
+    params = convert.from_torch_rmsnorm(module.state_dict())
+    assert params == bnjax.NormParams(None, None)
+    assert convert.to_torch_rmsnorm(params) == {}
+
+
+def test_to_torch_rmsnorm_refuses_a_bias():
+    with pytest.raises(ValueError, match="`params.bias` must be None"):
+        convert.to_torch_rmsnorm(bnjax.layernorm_init(6))
+
+
+def test_zero_centered_torch_weight_loads_as_a_zero_centered_scale():
+    # Transformer Engine's RMSNorm(zero_centered_gamma=True) stores `weight`
+    # as g and computes rms_norm(x) * (1 + g); its state dict has PyTorch's keys.
+    g = torch.tensor(np.random.default_rng(13).normal(size=6) * 0.1, dtype=torch.float32)
+    x = np.random.default_rng(14).normal(size=(5, 6)).astype(np.float32)
+    expected = F.rms_norm(torch.from_numpy(x), (6,), 1 + g, eps=1e-6).numpy()
+
+    params = convert.from_torch_rmsnorm({"weight": g})
+    y = bnjax.rmsnorm_apply(params, jnp.asarray(x), zero_centered_scale=True)
+    np.testing.assert_allclose(y, expected, **TOL["float32"])
+    np.testing.assert_array_equal(convert.to_torch_rmsnorm(params)["weight"], g.numpy())
 
 
 # --- Flax, Haiku, Keras -----------------------------------------------------

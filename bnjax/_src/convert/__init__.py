@@ -14,8 +14,15 @@ arithmetic, so a round trip is bit-exact) and maps the names and shapes:
 | epsilon default | 1e-5 | 1e-5 | (required) | 1e-3 |
 
 None of these imports the other framework: arrays go in as anything
-`numpy.asarray` takes (torch tensors included) and come out as JAX arrays
-(bnjax, Flax, Haiku) or as writable numpy copies (PyTorch, Keras).
+`numpy.asarray` takes (torch tensors included, bfloat16 ones too) and come
+out as JAX arrays (bnjax, Flax, Haiku) or as writable numpy copies (PyTorch,
+Keras). A bfloat16 numpy array goes into torch as
+`torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)`.
+
+PyTorch's LayerNorm, RMSNorm and GroupNorm store `weight` and `bias` as
+bnjax stores `scale` and `bias`. Transformer Engine's LayerNorm and RMSNorm
+have the same keys; with `zero_centered_gamma=True` their `weight` is a
+zero-centered scale: apply it with `zero_centered_scale=True`.
 
 One module per framework: `pytorch`, `flax_linen`, `haiku`, `keras`, with
 their shared helpers in `_common`. The public names are re-exported by

@@ -1,5 +1,6 @@
 """Helpers shared by the converters: array conversion and affine dicts."""
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,9 +14,17 @@ T = TypeVar("T")
 
 
 def as_numpy(value: Any) -> np.ndarray:
-    """A numpy array of `value`, also from a torch tensor (detached, on the CPU)."""
+    """A numpy array of `value`, also from a torch tensor (detached, on the CPU).
+
+    A bfloat16 tensor, which torch cannot hand to numpy, comes out as
+    numpy arrays of `jnp.bfloat16`, bit for bit.
+    """
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            torch = sys.modules[type(value).__module__.split(".")[0]]
+            return value.view(torch.int16).numpy().view(jnp.bfloat16)
+        value = value.numpy()
     return np.asarray(value)
 
 

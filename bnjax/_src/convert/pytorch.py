@@ -1,6 +1,10 @@
-"""Converters for PyTorch's BatchNorm, LayerNorm and GroupNorm state dicts.
+"""Converters for PyTorch's BatchNorm, LayerNorm, RMSNorm and GroupNorm state dicts.
 
 PyTorch's `momentum` is `1 - momentum` in bnjax; see `from_torch_momentum`.
+Transformer Engine's `LayerNorm` and `RMSNorm` have PyTorch's state dict
+keys; with `zero_centered_gamma=True` their `weight` is a zero-centered
+scale, applied as `1 + weight`: load it with the same converters and apply
+it with `zero_centered_scale=True`.
 """
 
 from collections.abc import Mapping
@@ -160,4 +164,42 @@ def to_torch_groupnorm(params: NormParams, *, prefix: str = "") -> dict[str, np.
       >>> sorted(bnjax.convert.to_torch_groupnorm(bnjax.groupnorm_init(6)))
       ['bias', 'weight']
     """
+    return affine_dict(params, "weight", "bias", convert=np.array, prefix=prefix)
+
+
+def from_torch_rmsnorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> NormParams:
+    """`NormParams(scale, None)` from a `torch.nn.RMSNorm` state dict.
+
+    `weight` has the shape `normalized_shape`, as bnjax's RMSNorm scale for
+    `axis=(-k, ..., -1)` with `k` the length of `normalized_shape`; it is
+    absent for `elementwise_affine=False`. PyTorch's `eps=None` (its default)
+    means `torch.finfo(x.dtype).eps`, about 1.2e-7 for float32, where bnjax's
+    default is 1e-6: pass `epsilon=module.eps`, or that value, to
+    `rmsnorm_apply`. A Transformer Engine `RMSNorm` with
+    `zero_centered_gamma=True` stores `weight` as `g`, applied as `1 + g`:
+    apply it with `zero_centered_scale=True`.
+
+    Example:
+      >>> params = bnjax.convert.from_torch_rmsnorm({"weight": np.ones(8, np.float32)})
+      >>> params.scale.shape, params.bias
+      ((8,), None)
+    """
+    return NormParams(as_jax(state_dict.get(prefix + "weight")), None)
+
+
+def to_torch_rmsnorm(params: NormParams, *, prefix: str = "") -> dict[str, np.ndarray]:
+    """A `torch.nn.RMSNorm` state dict of numpy arrays; see `from_torch_rmsnorm`.
+
+    Raises:
+      ValueError: `params.bias` is not None (`torch.nn.RMSNorm` has no bias).
+
+    Example:
+      >>> sorted(bnjax.convert.to_torch_rmsnorm(bnjax.rmsnorm_init(8)))
+      ['weight']
+    """
+    if params.bias is not None:
+        raise ValueError(
+            "`params.bias` must be None for `torch.nn.RMSNorm`, which has no bias, "
+            f"got an array of shape {np.shape(params.bias)}."
+        )
     return affine_dict(params, "weight", "bias", convert=np.array, prefix=prefix)
