@@ -113,17 +113,12 @@ def layernorm(
     `init(input_shape)` creates parameters of the normalized axes' shape.
     """
     checks.check_epsilon(epsilon)
+    spec = _ParamSpec(use_scale, use_bias, zero_centered_scale, param_dtype)
 
     def init(input_shape: Sequence[int]) -> NormParams:
         axes = checks.normalize_axes(axis, len(input_shape))
         feature_shape = tuple(input_shape[a] for a in axes)
-        return layernorm_init(
-            feature_shape,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            zero_centered_scale=zero_centered_scale,
-            param_dtype=param_dtype,
-        )
+        return layernorm_init(feature_shape, **spec._asdict())
 
     hyper = dict(axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale)
     return _stateless(init, layernorm_apply, hyper, dtype)
@@ -176,17 +171,12 @@ def groupnorm(
     """GroupNorm as a stateless `Normalizer`; see `groupnorm_apply`."""
     checks.check_size("num_groups", num_groups)
     checks.check_epsilon(epsilon)
+    spec = _ParamSpec(use_scale, use_bias, zero_centered_scale, param_dtype)
 
     def init(input_shape: Sequence[int]) -> NormParams:
         num_channels = input_shape[checks.check_channel_axis(axis, len(input_shape))]
         checks.check_num_groups(num_groups, num_channels)
-        return groupnorm_init(
-            num_channels,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            zero_centered_scale=zero_centered_scale,
-            param_dtype=param_dtype,
-        )
+        return groupnorm_init(num_channels, **spec._asdict())
 
     hyper = dict(
         num_groups=num_groups, axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale
@@ -206,23 +196,18 @@ def instancenorm(
 ) -> Normalizer:
     """InstanceNorm as a stateless `Normalizer`; see `instancenorm_apply`."""
     checks.check_epsilon(epsilon)
+    spec = _ParamSpec(use_scale, use_bias, zero_centered_scale, param_dtype)
 
     def init(input_shape: Sequence[int]) -> NormParams:
         num_channels = input_shape[checks.check_channel_axis(axis, len(input_shape))]
-        return groupnorm_init(
-            num_channels,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            zero_centered_scale=zero_centered_scale,
-            param_dtype=param_dtype,
-        )
+        return groupnorm_init(num_channels, **spec._asdict())
 
     hyper = dict(axis=axis, epsilon=epsilon, zero_centered_scale=zero_centered_scale)
     return _stateless(init, instancenorm_apply, hyper, dtype)
 
 
 class _ParamSpec(NamedTuple):
-    """How `init` creates the affine parameters (see `batchnorm_init`)."""
+    """How `init` creates the affine parameters (the keywords of every `*_init`)."""
 
     use_scale: bool
     use_bias: bool
