@@ -94,3 +94,11 @@ LARGE_MEAN_OFFSET_TOL = 4 * 2**-10
 # of the largest of them (observed <= 5.5e-7). 1e-5 keeps a margin of 18; a
 # shift that carried a derivative would leave an error of ~n eps32 ~ 5e-4.
 ONE_ENTRY_JVP_TOL = 1e-5
+# Weight normalizations in float64 against PyTorch's float64 parametrizations
+# and float64 numpy: norms, power iterations and sigma are sums over <= 100
+# entries, and each iteration renormalizes (errors do not grow); the
+# differences are the order of the roundings, ~1e-15. TOL["float64"] applies.
+# sigma after the power iteration has converged, against a float64 SVD: the
+# iteration's error shrinks like (s2 / s1)^(2k) (here (2/3)^(2k), below 1e-30
+# after 100 steps), so what is left is rounding, ~1e-15 relative.
+SPECTRAL_SIGMA_TOL = {"rtol": 1e-12, "atol": 0.0}
