@@ -114,19 +114,27 @@ def test_mnist_net_with_standardize_convolves_with_standardized_kernels(monkeypa
     monkeypatch.syspath_prepend(str(EXAMPLES))
     mnist = importlib.import_module("mnist")
     norm = bnjax.groupnorm(num_groups=8)
-    params, states = mnist.init_model(norm, jax.random.key(0), 2)
+    params, states = jax.jit(mnist.init_model, static_argnums=(0, 2))(norm, jax.random.key(0), 2)
+    head = jax.random.normal(jax.random.key(2), params.head_kernel.shape)
+    params = params._replace(head_kernel=head)  # a zero head would hide the kernels
     images = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
     # The reference standardizes each kernel by the float64 formula, then runs the plain net.
     standardized = tuple(
         jnp.asarray(references.weight_standardize(k), jnp.float32) for k in params.kernels
     )
-    head = jax.random.normal(jax.random.key(2), params.head_kernel.shape)
-    params = params._replace(head_kernel=head)
-    expected, _ = mnist.forward(norm, params._replace(kernels=standardized), states, images, True)
-    logits, _ = mnist.forward(norm, params, states, images, True, standardize=True)
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
-    plain, _ = mnist.forward(norm, params, states, images, True)
-    assert not np.allclose(plain, expected, rtol=1e-2)
+
+    @jax.jit  # images as an argument: XLA would spend long folding a constant's convolutions
+    def logits(params, standardized, images):
+        with_ws, _ = mnist.forward(norm, params, states, images, True, standardize=True)
+        expected, _ = mnist.forward(
+            norm, params._replace(kernels=standardized), states, images, True
+        )
+        return with_ws, expected
+
+    with_ws, expected = logits(params, standardized, images)
+    np.testing.assert_allclose(with_ws, expected, rtol=1e-4, atol=1e-5)
+    # Without standardization the logits differ: the test sees the kernels.
+    assert not np.allclose(with_ws, logits(params, params.kernels, images)[1], rtol=1e-2)
 
 
 def test_study_precise_statistics_of_the_first_layer_are_its_training_set_moments(monkeypatch):
