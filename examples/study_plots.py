@@ -24,6 +24,8 @@ Record = dict[str, Any]
 
 # BatchNorm's family solid, per-example normalizers dashed, the baseline dotted.
 LINESTYLE = {"none": ":", "batchnorm": "-", "ghost": "-", "batchrenorm": "-"}
+# Test errors above this many times the median are drawn at the top edge.
+OUTLIER_FACTOR = 4.0
 # The normalizers of the Weight Standardization comparison, in the order drawn.
 WS_COMPARISON = ("batchnorm", "groupnorm", "gn_ws")
 
@@ -37,11 +39,28 @@ def _style(record: Record) -> dict[str, Any]:
 
 
 def error_vs_batch_size(records: Sequence[Record], path: Path, data: str = "digits") -> Path:
-    """Plots test error (%) against batch size, mean with a std error bar per point."""
+    """Plots test error (%) against batch size, mean with a std error bar per point.
+
+    A point far above the others (a run that diverged) would flatten every
+    other line: the axis then stops at `OUTLIER_FACTOR` times the median
+    error, and such a point is marked at the top with its value.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    means = [100 * np.mean(r["test_error"]) for r in records]
+    top = OUTLIER_FACTOR * float(np.median(means))
     for label in _labels(records):
         rows = sorted((r for r in records if r["label"] == label), key=lambda r: r["batch_size"])
         errors = [100 * np.asarray(r["test_error"]) for r in rows]
+        for r, e in zip(rows, errors, strict=True):
+            if e.mean() > top:
+                ax.annotate(
+                    f"{e.mean():.0f}% ↑",
+                    (r["batch_size"], top),
+                    textcoords="offset points",
+                    xytext=(0, -12),
+                    ha="center",
+                    fontsize=8,
+                )
         ax.errorbar(
             [r["batch_size"] for r in rows],
             [e.mean() for e in errors],
@@ -61,6 +80,8 @@ def error_vs_batch_size(records: Sequence[Record], path: Path, data: str = "digi
     ax.set_xlabel("batch size (examples per step)")
     ax.set_ylabel("test error (%)")
     ax.set_title(f"Test error against batch size, {data}")
+    if max(means) > top:
+        ax.set_ylim(0, top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
