@@ -24,11 +24,20 @@ from bnjax._src.layernorm import layernorm_init as layernorm_init
 from bnjax._src.precise import precise_batch_stats as precise_batch_stats
 from bnjax._src.rmsnorm import rmsnorm_apply as rmsnorm_apply
 from bnjax._src.rmsnorm import rmsnorm_init as rmsnorm_init
+from bnjax._src.spectralnorm import spectralnorm_apply as spectralnorm_apply
+from bnjax._src.spectralnorm import spectralnorm_init as spectralnorm_init
 from bnjax._src.types import BatchStats as BatchStats
 from bnjax._src.types import CollectedStats as CollectedStats
 from bnjax._src.types import Normalizer as Normalizer
 from bnjax._src.types import NormParams as NormParams
+from bnjax._src.types import SpectralState as SpectralState
+from bnjax._src.types import WeightNormalizer as WeightNormalizer
 from bnjax._src.weight_decay import weight_decay_mask as weight_decay_mask
+from bnjax._src.weight_factories import spectralnorm as spectralnorm
+from bnjax._src.weight_factories import weightnorm as weightnorm
+from bnjax._src.weight_standardization import weight_standardize as weight_standardize
+from bnjax._src.weightnorm import weightnorm_apply as weightnorm_apply
+from bnjax._src.weightnorm import weightnorm_init as weightnorm_init
 
 try:
     __version__ = version("bnjax")
@@ -40,6 +49,8 @@ __all__ = [
     "CollectedStats",
     "NormParams",
     "Normalizer",
+    "SpectralState",
+    "WeightNormalizer",
     "batchnorm",
     "batchnorm_apply",
     "batchnorm_init",
@@ -62,5 +73,12 @@ __all__ = [
     "rmsnorm_apply",
     "rmsnorm_init",
     "save_checkpoint",
+    "spectralnorm",
+    "spectralnorm_apply",
+    "spectralnorm_init",
     "weight_decay_mask",
+    "weight_standardize",
+    "weightnorm",
+    "weightnorm_apply",
+    "weightnorm_init",
 ]

@@ -20,6 +20,16 @@ from bnjax._src.convert.pytorch import to_torch_groupnorm as to_torch_groupnorm
 from bnjax._src.convert.pytorch import to_torch_layernorm as to_torch_layernorm
 from bnjax._src.convert.pytorch import to_torch_momentum as to_torch_momentum
 from bnjax._src.convert.pytorch import to_torch_rmsnorm as to_torch_rmsnorm
+from bnjax._src.convert.pytorch_parametrizations import (
+    from_torch_spectralnorm as from_torch_spectralnorm,
+)
+from bnjax._src.convert.pytorch_parametrizations import (
+    from_torch_weightnorm as from_torch_weightnorm,
+)
+from bnjax._src.convert.pytorch_parametrizations import (
+    to_torch_spectralnorm as to_torch_spectralnorm,
+)
+from bnjax._src.convert.pytorch_parametrizations import to_torch_weightnorm as to_torch_weightnorm
 
 __all__ = [
     "from_flax_batchnorm",
@@ -30,6 +40,8 @@ __all__ = [
     "from_torch_layernorm",
     "from_torch_momentum",
     "from_torch_rmsnorm",
+    "from_torch_spectralnorm",
+    "from_torch_weightnorm",
     "to_flax_batchnorm",
     "to_haiku_batchnorm",
     "to_keras_batchnorm",
@@ -38,4 +50,6 @@ __all__ = [
     "to_torch_layernorm",
     "to_torch_momentum",
     "to_torch_rmsnorm",
+    "to_torch_spectralnorm",
+    "to_torch_weightnorm",
 ]

@@ -11,7 +11,7 @@ code.
             -> global average pool -> dense (10 classes)
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +35,18 @@ class Split(NamedTuple):
 
     images: np.ndarray
     labels: np.ndarray
+
+
+class Net(NamedTuple):
+    """A model with its normalizer bound, as the training loop sees it.
+
+    Attributes:
+      init: `init(key, batch_size) -> (params, states)`.
+      forward: `forward(params, states, images, train) -> (logits, new_states)`.
+    """
+
+    init: Callable[[jax.Array, int], tuple[Any, States]]
+    forward: Callable[[Any, States, jax.Array, bool], tuple[jax.Array, States]]
 
 
 class Params(NamedTuple):
@@ -124,7 +136,13 @@ def init_model(
 
 
 def forward(
-    norm: bnjax.Normalizer, params: Params, states: States, images: jax.Array, train: bool
+    norm: bnjax.Normalizer,
+    params: Params,
+    states: States,
+    images: jax.Array,
+    train: bool,
+    *,
+    standardize: bool = False,
 ) -> tuple[jax.Array, States]:
     """Computes class logits.
 
@@ -135,6 +153,8 @@ def forward(
       images: `(N, 8, 8, 1)` float images.
       train: Python bool: training mode (batch statistics, state updated) or
         evaluation mode (running statistics, state unchanged).
+      standardize: convolve with `bnjax.weight_standardize(kernel)` instead
+        of the kernel (Weight Standardization; gradients flow through it).
 
     Returns:
       `(logits, new_states)`: `(N, 10)` logits and the normalizers' new states.
@@ -142,6 +162,7 @@ def forward(
     x = images
     new_states = []
     for kernel, norm_params, state in zip(params.kernels, params.norms, states, strict=True):
+        kernel = bnjax.weight_standardize(kernel) if standardize else kernel
         x, state = norm.apply(norm_params, state, conv3x3(x, kernel), train)
         x = jax.nn.relu(x)
         new_states.append(state)
@@ -149,3 +170,22 @@ def forward(
     # Broadcast explicitly: the tests run with jax_numpy_rank_promotion='raise'.
     logits = pooled @ params.head_kernel + params.head_bias[None, :]
     return logits, tuple(new_states)
+
+
+def make_net(norm: bnjax.Normalizer, *, standardize: bool = False) -> Net:
+    """This conv net with `norm` after every convolution, as a `Net`.
+
+    Args:
+      norm: the normalizer of every conv layer.
+      standardize: Weight Standardization of every conv kernel (see `forward`).
+    """
+
+    def init(key: jax.Array, batch_size: int) -> tuple[Params, States]:
+        return init_model(norm, key, batch_size)
+
+    def apply(
+        params: Params, states: States, images: jax.Array, train: bool
+    ) -> tuple[jax.Array, States]:
+        return forward(norm, params, states, images, train, standardize=standardize)
+
+    return Net(init, apply)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 import optax
-from digits import Split, init_model, load_data
+from digits import Split, load_data, make_net
 from training import error_rate, make_step, steps_per_epoch
 
 import bnjax
@@ -41,8 +41,9 @@ def train_and_score(
     """
     steps = steps_per_epoch(len(train.labels), batch_size)
     optimizer = optax.adam(optax.cosine_decay_schedule(1e-2, epochs * steps))
-    step = jax.jit(make_step(norm, optimizer))
-    params, states = init_model(norm, jax.random.key(seed), batch_size)
+    net = make_net(norm)
+    step = jax.jit(make_step(net, optimizer))
+    params, states = net.init(jax.random.key(seed), batch_size)
     carry = (params, states, optimizer.init(params))
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
@@ -50,7 +51,7 @@ def train_and_score(
         for index in order.reshape(steps, batch_size):
             carry, loss = step(carry, train.images[index], train.labels[index])
     params, states, _ = carry
-    error = jax.jit(lambda params, states: error_rate(norm, params, states, *test))
+    error = jax.jit(lambda params, states: error_rate(net, params, states, *test))
     return float(loss), 1.0 - float(error(params, states))
 
 

@@ -62,7 +62,8 @@ def markdown(records: Sequence[Record], settings: dict[str, Any]) -> str:
     """
     seeds = settings["seeds"]
     parts = [
-        f"Test error (%) on the {settings['test_examples']} held-out digits, evaluation mode "
+        f"Test error (%) on the {settings['test_examples']} held-out images of "
+        f"{settings.get('data', 'digits')}, evaluation mode "
         f"(running statistics), mean ± standard deviation over {seeds} seed"
         f"{'s' if seeds > 1 else ''}; {settings['epochs']} epochs of SGD (momentum 0.9, "
         f"step size {settings['learning_rate_at_64']:g} x batch / 64, warmup then cosine "

@@ -1,4 +1,4 @@
-"""Training and scoring the digits conv net, one compiled call per run.
+"""Training and scoring the examples' conv nets, one compiled call per run.
 
 A whole training run is one pure function of a `jax.random` key: it
 initializes the model, and for each epoch shuffles the training set and
@@ -13,13 +13,13 @@ scaling rule work at large batches), then decays to zero on a cosine.
 """
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from digits import Params, Split, States, forward, init_model
+from digits import Net, Split, States
 from jax import lax
 
 import bnjax
@@ -53,7 +53,7 @@ class Trained(NamedTuple):
       losses: the training loss of every step, `(epochs, steps_per_epoch)`.
     """
 
-    params: Params
+    params: Any
     states: States
     losses: jax.Array
 
@@ -71,28 +71,28 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 # The loop state of one step: parameters, running states, optimizer state.
-Carry = tuple[Params, States, optax.OptState]
+Carry = tuple[Any, States, optax.OptState]
 
 
 def make_step(
-    norm: bnjax.Normalizer, optimizer: optax.GradientTransformation
+    net: Net, optimizer: optax.GradientTransformation
 ) -> Callable[[Carry, jax.Array, jax.Array], tuple[Carry, jax.Array]]:
     """Builds one training step: the loss in training mode, its gradient, an update.
 
     Args:
-      norm: the normalizer of every conv layer.
+      net: the model, its normalizer bound (e.g. `digits.make_net(norm)`).
       optimizer: any optax optimizer.
 
     Returns:
       `step((params, states, opt_state), images, labels) -> (new_carry, loss)`
-      for a batch `(B, 8, 8, 1)` with labels `(B,)`; pure, so it can be
-      jitted or scanned.
+      for a batch of images `(B, H, W, 1)` with labels `(B,)`; pure, so it
+      can be jitted or scanned.
     """
 
     def loss_fn(
-        params: Params, states: States, images: jax.Array, labels: jax.Array
+        params: Any, states: States, images: jax.Array, labels: jax.Array
     ) -> tuple[jax.Array, States]:
-        logits, states = forward(norm, params, states, images, True)
+        logits, states = net.forward(params, states, images, True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, states
 
@@ -107,18 +107,18 @@ def make_step(
 
 
 def make_train(
-    norm: bnjax.Normalizer, schedule: Schedule, num_examples: int
+    net: Net, schedule: Schedule, num_examples: int
 ) -> Callable[[jax.Array, jax.Array, jax.Array], Trained]:
     """Builds a whole training run as one pure, jittable function.
 
     Args:
-      norm: the normalizer of every conv layer.
+      net: the model, its normalizer bound.
       schedule: batch size, epochs and learning rate.
       num_examples: the size of the training set the run will be given.
 
     Returns:
-      `run(key, images, labels) -> Trained`, with `images` `(num_examples, 8,
-      8, 1)` and `labels` `(num_examples,)`. The key seeds the initialization
+      `run(key, images, labels) -> Trained`, with `images` `(num_examples, H,
+      W, 1)` and `labels` `(num_examples,)`. The key seeds the initialization
       and the order of the examples.
     """
     steps = steps_per_epoch(num_examples, schedule.batch_size)
@@ -127,11 +127,11 @@ def make_train(
         0.0, schedule.learning_rate, round(WARMUP_FRACTION * total), total
     )
     optimizer = optax.sgd(learning_rate, momentum=MOMENTUM)
-    step = make_step(norm, optimizer)
+    step = make_step(net, optimizer)
 
     def run(key: jax.Array, images: jax.Array, labels: jax.Array) -> Trained:
         init_key, order_key = jax.random.split(key)
-        params, states = init_model(norm, init_key, schedule.batch_size)
+        params, states = net.init(init_key, schedule.batch_size)
 
         def epoch(carry: Carry, epoch_key: jax.Array) -> tuple[Carry, jax.Array]:
             order = jax.random.permutation(epoch_key, num_examples)
@@ -147,14 +147,14 @@ def make_train(
 
 
 def error_rate(
-    norm: bnjax.Normalizer, params: Params, states: States, images: jax.Array, labels: jax.Array
+    net: Net, params: Any, states: States, images: jax.Array, labels: jax.Array
 ) -> jax.Array:
     """The fraction of `images` misclassified in evaluation mode, a float32 scalar.
 
     Evaluation mode uses the running statistics (BatchNorm family); every
     other normalizer computes the same thing in both modes.
     """
-    logits, _ = forward(norm, params, states, images, False)
+    logits, _ = net.forward(params, states, images, False)
     return jnp.mean(jnp.argmax(logits, axis=-1) != labels)
 
 
@@ -165,21 +165,19 @@ def has_batch_stats(states: States) -> bool:
 
 
 def training_batches(data: Split, batch_size: int) -> Iterator[np.ndarray]:
-    """The training images in order, as full batches `(batch_size, 8, 8, 1)`."""
+    """The training images in order, as full batches `(batch_size, H, W, 1)`."""
     for start in range(0, len(data.labels) - batch_size + 1, batch_size):
         yield data.images[start : start + batch_size]
 
 
-def precise_states(
-    norm: bnjax.Normalizer, params: Params, states: States, data: Split, batch_size: int
-) -> States:
+def precise_states(net: Net, params: Any, states: States, data: Split, batch_size: int) -> States:
     """Re-estimates the running statistics exactly over the training set.
 
     Needs `bnjax.precise_batch_stats`. The statistics are those the
     training-mode network sees: batches of the training batch size.
 
     Args:
-      norm: the normalizer (of the BatchNorm family).
+      net: the model, its normalizer (of the BatchNorm family) bound.
       params: trained parameters, for one seed.
       states: the running states they were trained with.
       data: the training split.
@@ -193,6 +191,6 @@ def precise_states(
 
     # Not jitted here: `precise_batch_stats` traces it itself, with BatchNorm collecting.
     def stats_fn(states: States, images: jax.Array) -> States:
-        return forward(norm, params, states, images, True)[1]
+        return net.forward(params, states, images, True)[1]
 
     return bnjax.precise_batch_stats(stats_fn, states, training_batches(data, batch_size))

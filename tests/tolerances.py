@@ -101,3 +101,11 @@ ONE_ENTRY_JVP_TOL = 1e-5
 # outputs), and then by one ulp. Rounding the normalized output to
 # bfloat16 before modulating it misses on 25-45% of the entries.
 BF16_ROUNDED_ONCE_MISMATCHES = 2e-3
+# Weight normalizations in float64 against PyTorch's float64 parametrizations
+# and float64 numpy: norms, power iterations and sigma are sums over <= 100
+# entries, and each iteration renormalizes (errors do not grow); the
+# differences are the order of the roundings, ~1e-15. TOL["float64"] applies.
+# sigma after the power iteration has converged, against a float64 SVD: the
+# iteration's error shrinks like (s2 / s1)^(2k) (here (2/3)^(2k), below 1e-30
+# after 100 steps), so what is left is rounding, ~1e-15 relative.
+SPECTRAL_SIGMA_TOL = {"rtol": 1e-12, "atol": 0.0}

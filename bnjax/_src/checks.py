@@ -62,6 +62,26 @@ def check_feature_axis(axis: Any, ndim: int) -> int:
     return normalize_axes(axis, ndim)[0]
 
 
+def check_kernel(w: jax.Array, axis: Any, *, name: str, min_rank: int = 1) -> int:
+    """A kernel for a weight normalization: floating, rank >= `min_rank`; returns its output axis.
+
+    `axis` is the one output axis (the last for `(in, out)` Dense and
+    `HWIO` Conv kernels).
+    """
+    check_floating(w, name)
+    return check_kernel_shape(tuple(jnp.shape(w)), axis, name=name, min_rank=min_rank)
+
+
+def check_kernel_shape(shape: tuple[int, ...], axis: Any, *, name: str, min_rank: int = 1) -> int:
+    """The shape part of `check_kernel`; returns the output axis, non-negative."""
+    if len(shape) < min_rank:
+        axes = "an output axis and at least one other" if min_rank > 1 else "an output axis"
+        raise ValueError(f"`{name}` must have rank >= {min_rank} ({axes}), got shape {shape}.")
+    if not isinstance(axis, int | np.integer):
+        raise TypeError(f"`axis` must be a single int (the output axis), got {axis!r}.")
+    return normalize_axes(axis, len(shape))[0]
+
+
 def check_param_shape(
     name: str, value: jax.Array | None, expected: tuple[int, ...], what: str
 ) -> None:

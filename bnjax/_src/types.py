@@ -4,7 +4,7 @@ Both are NamedTuples, hence pytrees: they go through `jax.jit`, `jax.grad`,
 `jax.tree.map`, optax and checkpointing without registration.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -65,6 +65,45 @@ class CollectedStats(NamedTuple):
     var: jax.Array
     count: jax.Array
     calls: jax.Array
+
+
+class SpectralState(NamedTuple):
+    """The power iteration's vectors of spectral normalization.
+
+    A kernel `w` is viewed as the matrix `W` of shape `(outputs, rest)`:
+    the output axis first, every other axis flattened in order (for a
+    `HWIO` kernel, `rest` runs over `(H, W, I)`). Training-mode
+    `spectralnorm_apply` refines both vectors and returns them; they carry
+    no gradient.
+
+    Attributes:
+      u: shape `(outputs,)`, unit length: the estimated left singular vector.
+      v: shape `(rest,)`, unit length: the estimated right singular vector.
+    """
+
+    u: jax.Array
+    v: jax.Array
+
+
+class WeightNormalizer(NamedTuple):
+    """A weight normalization with its hyperparameters bound: an `(init, apply)` pair.
+
+    Returned by `bnjax.weightnorm(...)` and `bnjax.spectralnorm(...)`, so a
+    model switches from one to the other by changing one call. It acts on a
+    kernel, not on activations: `apply` is called on the raw kernel and
+    returns the kernel the layer uses.
+
+    Attributes:
+      init: `init(kernel, key=None) -> (params, state)`: learnable
+        parameters (`NormParams` for weight norm, `None` for spectral norm)
+        and running state (`None`, or `SpectralState`, whose random start
+        needs `key`).
+      apply: `apply(params, state, kernel, train) -> (normalized_kernel,
+        new_state)`, the signature of `Normalizer.apply`.
+    """
+
+    init: Callable[..., tuple[Any, Any]]
+    apply: Callable[..., tuple[jax.Array, Any]]
 
 
 class InitFn(Protocol):

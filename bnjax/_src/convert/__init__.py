@@ -25,6 +25,9 @@ have the same keys; with `zero_centered_gamma=True` their `weight` is a
 zero-centered scale: apply it with `zero_centered_scale=True`.
 
 One module per framework: `pytorch`, `flax_linen`, `haiku`, `keras`, with
-their shared helpers in `_common`. The public names are re-exported by
+their shared helpers in `_common`; `pytorch_parametrizations` converts the
+weight normalizations (`weight_norm`'s `original0`/`original1`,
+`spectral_norm`'s `original`, `_u`, `_v`), kernels transposed from
+`(out, in, *spatial)` to `(*spatial, in, out)`. The public names are re-exported by
 `bnjax.convert`.
 """
