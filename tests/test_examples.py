@@ -159,19 +159,14 @@ def test_study_precise_statistics_of_the_first_layer_are_its_training_set_moment
 
 
 def test_normalizers_example_prints_one_line_per_normalizer():
-    result = run_demo("--epochs", "1", script=EXAMPLES / "normalizers.py")
+    # Two of the seven (each compiles its own training step): one with running
+    # statistics, one without; every normalizer is tested on its own elsewhere.
+    chosen = ["batchnorm", "groupnorm, 8 groups"]
+    result = run_demo("--epochs", "1", "--only", *chosen, script=EXAMPLES / "normalizers.py")
     assert result.returncode == 0, result.stderr
     rows = re.findall(r"^(\w[\w ,]*?)\s+(\d+\.\d+)\s+(\d+\.\d+)%\s+\d+\.\d+$", result.stdout, re.M)
     names = [name for name, _, _ in rows]
-    assert names == [
-        "batchnorm",
-        "batchnorm, ghost 16",
-        "batchrenorm",
-        "groupnorm, 8 groups",
-        "instancenorm",
-        "layernorm",
-        "rmsnorm",
-    ], result.stdout
+    assert names == chosen, result.stdout
     for _, loss, accuracy in rows:
         assert float(loss) >= 0 and 0 <= float(accuracy) <= 100, result.stdout
 
