@@ -41,6 +41,7 @@ from norm_cases import (
 from timing import (
     CACHE_FLUSH_BYTES,
     cpu_model,
+    cpu_topology,
     ensure_steady_malloc,
     interleaved_samples,
     malloc_settings,
@@ -58,10 +59,22 @@ ALTERNATIVES = (
     "torch-nhwc",
     "numpy-ml",
 )
-ALL_OPS = list(OPS)
+IMAGE_OPS = [  # every op of the first NHWC workload
+    "bn-train-fwd",
+    "bn-train-fwd+bwd",
+    "bn-eval-fwd",
+    "ln-fwd",
+    "ln-fwd+bwd",
+    "gn-fwd+bwd",
+    "rms-fwd+bwd",
+    "brn-train-fwd+bwd",
+]
+NCHW_OPS = ["bn-train-fwd", "bn-train-fwd+bwd", "bn-eval-fwd", "gn-fwd+bwd"]
+TRANSFORMER_OPS = ["ln-fwd", "ln-fwd+bwd", "rms-fwd", "rms-fwd+bwd"]  # over the last axis
+TRANSFORMER_SHAPES = ((8192, 1024), (2048, 4096))  # (tokens, features)
 PLANS: dict[str, list[tuple[Workload, list[str]]]] = {
     "full": [
-        (Workload((32, 56, 56, 64), "float32"), ALL_OPS),
+        (Workload((32, 56, 56, 64), "float32"), IMAGE_OPS),
         (
             Workload((64, 32, 32, 128), "float32"),
             ["bn-train-fwd", "bn-train-fwd+bwd", "bn-eval-fwd", "ln-fwd+bwd", "gn-fwd+bwd"],
@@ -81,6 +94,14 @@ PLANS: dict[str, list[tuple[Workload, list[str]]]] = {
             Workload((32, 56, 56, 64), "bfloat16"),
             ["bn-train-fwd", "bn-train-fwd+bwd", "ln-fwd+bwd", "gn-fwd+bwd", "rms-fwd+bwd"],
         ),
+        # The NHWC image shapes above, transposed: each library's channels-first form.
+        (Workload((32, 64, 56, 56), "float32", channels_first=True), NCHW_OPS),
+        (Workload((64, 128, 32, 32), "float32", channels_first=True), NCHW_OPS),
+        *(
+            (Workload(shape, dtype), TRANSFORMER_OPS)
+            for dtype in ("float32", "bfloat16")
+            for shape in TRANSFORMER_SHAPES
+        ),
     ],
     "quick": [
         (Workload((16, 32, 32, 64), "float32"), ["bn-train-fwd+bwd", "bn-train-fwd", "ln-fwd+bwd"])
@@ -99,6 +120,8 @@ PLANS: dict[str, list[tuple[Workload, list[str]]]] = {
             ],
         ),
         (Workload((4, 8, 8, 64), "bfloat16"), ["bn-train-fwd+bwd"]),
+        (Workload((4, 64, 8, 8), "float32", channels_first=True), ["bn-train-fwd", "gn-fwd+bwd"]),
+        (Workload((64, 256), "bfloat16"), ["rms-fwd", "ln-fwd+bwd"]),
     ],
 }
 DEFAULT_REPEATS = {"full": 25, "quick": 10, "smoke": 2, "scaling": 10}
@@ -369,15 +392,20 @@ def plot_scaling(rows: list[dict], fits: dict, path: str) -> str | None:
 
 def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
     """What the numbers were measured on and with."""
+    from norm_impls_jax import NCHW_NOTES as JAX_NCHW_NOTES
+    from norm_impls_jax import NOTES as JAX_NOTES
+    from norm_impls_libs import NCHW_NOTES as LIBRARY_NCHW_NOTES
     from norm_impls_libs import NOTES as LIBRARY_NOTES
+    from norm_impls_other import NCHW_NOTES as OTHER_NCHW_NOTES
     from norm_impls_other import NOTES as OTHER_NOTES
 
     return {
         "mode": mode,
         "repeats": args.repeats,
         "cpu": cpu_model(),
+        "cpu_topology": cpu_topology(),
         "jax_threads": threads,
-        "torch_threads": threads,
+        "torch_threads": _torch_threads(),
         "malloc": malloc_settings(),
         "cache_flush_bytes": CACHE_FLUSH_BYTES,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -386,7 +414,8 @@ def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
             dtype: {"rtol": rtol, "atol_times_max_abs": atol}
             for dtype, (rtol, atol) in TOLERANCES.items()
         },
-        "notes": {**LIBRARY_NOTES, **OTHER_NOTES},
+        "notes": {**JAX_NOTES, **LIBRARY_NOTES, **OTHER_NOTES},  # bfloat16, param dtypes
+        "nchw_notes": {**JAX_NCHW_NOTES, **LIBRARY_NCHW_NOTES, **OTHER_NCHW_NOTES},
         "xla_flags": os.environ.get("XLA_FLAGS"),
     }
 
@@ -396,6 +425,15 @@ def _version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _torch_threads() -> int | None:
+    """PyTorch's intra-op threads as set (None without PyTorch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
 
 
 def _match_threads() -> int:

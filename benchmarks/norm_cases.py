@@ -2,9 +2,9 @@
 
 A case is one (workload, op) pair, one row of the table. Every implementation
 of a case gets the same numbers (`Inputs`, float32 values exactly
-representable in the workload's dtype) and must return the same outputs,
-converted by its `Bench.outputs` to float32 numpy arrays in bnjax's layout
-and order:
+representable in the workload's dtype, kept features last whatever the
+workload's layout) and must return the same outputs, converted by its
+`Bench.outputs` to float32 numpy arrays, features last, in bnjax's order:
 
 * `train-fwd`: `(y, new running mean, new running var)`;
 * `eval-fwd`, `fwd`: `(y,)`;
@@ -34,16 +34,33 @@ TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (3e-2, 3e-2)}
 
 
 class Workload(NamedTuple):
-    """An input shape (features last) and dtype."""
+    """An input shape in its layout, and a dtype.
+
+    `shape` is as the arrays are laid out: features last (NHWC, or NC for 2-D)
+    unless `channels_first`, when it is NCHW, the channels on axis 1.
+    """
 
     shape: tuple[int, ...]
     dtype: str  # "float32" or "bfloat16"
+    channels_first: bool = False
+
+    @property
+    def layout(self) -> str:
+        if len(self.shape) == 2:
+            return "NC"
+        return "NCHW" if self.channels_first else "NHWC"
+
+    @property
+    def features_last_shape(self) -> tuple[int, ...]:
+        """The shape with the channels last: NCHW (N, C, H, W) -> (N, H, W, C)."""
+        if not self.channels_first:
+            return self.shape
+        return (self.shape[0], *self.shape[2:], self.shape[1])
 
     @property
     def name(self) -> str:
-        layout = "NHWC" if len(self.shape) == 4 else "NC"
         short = {"float32": "f32", "bfloat16": "bf16"}[self.dtype]
-        return f"{layout} ({','.join(map(str, self.shape))}) {short}"
+        return f"{self.layout} ({','.join(map(str, self.shape))}) {short}"
 
 
 class Op(NamedTuple):
@@ -65,13 +82,19 @@ OPS = {
     "ln-fwd": Op("layernorm", "fwd", "LN(C) fwd"),
     "ln-fwd+bwd": Op("layernorm", "fwd+bwd", "LN(C) fwd+bwd"),
     "gn-fwd+bwd": Op("groupnorm", "fwd+bwd", f"GN({NUM_GROUPS}) fwd+bwd"),
+    "rms-fwd": Op("rmsnorm", "fwd", "RMS(C) fwd"),
     "rms-fwd+bwd": Op("rmsnorm", "fwd+bwd", "RMS(C) fwd+bwd"),
     "brn-train-fwd+bwd": Op("batchrenorm", "fwd+bwd", "BRN train fwd+bwd"),
 }
 
 
 class Inputs(NamedTuple):
-    """The numbers of one case, float32 numpy, features last, exact in `dtype`."""
+    """The numbers of one case, float32 numpy, features last, exact in `dtype`.
+
+    When `channels_first` (an NCHW workload), every implementation takes x and g
+    NCHW (`to_channels_first`, contiguous) and normalizes over axis 1; one that
+    has no channels-first form is not applicable rather than timed on NHWC.
+    """
 
     x: np.ndarray
     g: np.ndarray  # the cotangent of y for fwd+bwd
@@ -79,6 +102,12 @@ class Inputs(NamedTuple):
     mean: np.ndarray  # running statistics, shape (C,)
     var: np.ndarray
     dtype: str
+    channels_first: bool = False
+
+    @property
+    def channel_axis(self) -> int:
+        """The channels' axis in the arrays the implementations take."""
+        return 1 if self.channels_first else -1
 
 
 class Bench(NamedTuple):
@@ -108,18 +137,20 @@ def make_inputs(workload: Workload, op: Op, seed: int = 0) -> Inputs:
     """Random inputs: x with mean 0.5 and std 2, per-channel parameters near (1, 0).
 
     The running statistics are near the batch's, so that Batch Renorm's `r`
-    and `d` are not clipped and eval mode gives outputs of order one.
+    and `d` are not clipped and eval mode gives outputs of order one. An NCHW
+    workload gets the numbers of its NHWC twin (the same shape transposed).
     """
     rng = np.random.default_rng(seed)
-    channels = workload.shape[-1]
-    x = _exact_in(rng.normal(0.5, 2.0, workload.shape), workload.dtype)
-    g = _exact_in(rng.normal(0.0, 1.0, workload.shape), workload.dtype)
+    shape = workload.features_last_shape
+    channels = shape[-1]
+    x = _exact_in(rng.normal(0.5, 2.0, shape), workload.dtype)
+    g = _exact_in(rng.normal(0.0, 1.0, shape), workload.dtype)
     scale = (1.0 + 0.2 * rng.normal(size=channels)).astype(np.float32)
     bias = (0.2 * rng.normal(size=channels)).astype(np.float32)
     mean = (0.5 + 0.2 * rng.normal(size=channels)).astype(np.float32)
     var = rng.uniform(2.0, 6.0, channels).astype(np.float32)
     params = (scale,) if op.norm == "rmsnorm" else (scale, bias)
-    return Inputs(x, g, params, mean, var, workload.dtype)
+    return Inputs(x, g, params, mean, var, workload.dtype, workload.channels_first)
 
 
 def _exact_in(values: np.ndarray, dtype: str) -> np.ndarray:

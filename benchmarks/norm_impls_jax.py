@@ -5,6 +5,10 @@ the case's `Inputs` and `Op` that returns a `Forward`, the library's own call
 with its inputs in the library's layout and dtypes. `jax_bench` turns it into
 the timed, jit-compiled function of the op's mode, the same way for every
 library: the forward itself, or `jax.vjp` of its output for fwd+bwd.
+
+In NCHW rows (`Inputs.channels_first`) each forward takes NCHW arrays and
+normalizes over axis 1, in the library's own channels-first form; a library
+without one raises `NotApplicable` instead of being timed on NHWC.
 """
 
 from collections.abc import Callable
@@ -28,6 +32,17 @@ from norm_cases import (
 )
 
 R_MAX, D_MAX = 3.0, 5.0  # Batch Renorm's clipping bounds, bnjax's defaults
+# How bnjax and the textbook version treat bfloat16 inputs.
+NOTES = {
+    "bnjax": "params and running statistics float32; statistics of bfloat16 input "
+    "accumulated in float32 and the output (bfloat16, the input's dtype) rounded once",
+    "naive": "x upcast to float32, params float32, y cast back to the input's dtype",
+}
+NCHW_NOTES = {
+    "bnjax": "axis=1 on NCHW-contiguous arrays",
+    "naive": "reduces over every axis but 1, params broadcast on axis 1",
+    "floor": "x * a + b with a, b broadcast on axis 1",
+}
 
 
 class Forward(NamedTuple):
@@ -48,6 +63,8 @@ def jax_bench(forwards: dict[str, ForwardBuilder], inputs: Inputs, op: Op) -> Be
     if op.norm not in forwards:
         raise NotApplicable(f"no {op.norm}")
     forward = forwards[op.norm](inputs, op)
+    if inputs.channels_first and not forward.channels_first:
+        raise RuntimeError("an NHWC forward built for an NCHW row")
     args = (forward.x, forward.params, forward.state)
     fn = forward.fn
     if op.mode == "fwd+bwd":
@@ -83,9 +100,16 @@ def device_array(values: np.ndarray, dtype: str, channels_first: bool = False) -
     return jnp.asarray(values, dtype)
 
 
-def per_channel(v: jax.Array, ndim: int) -> jax.Array:
-    """A (C,) vector shaped to broadcast against features-last data of rank `ndim`."""
-    return v.reshape((1,) * (ndim - 1) + (-1,))
+def per_channel(v: jax.Array, ndim: int, axis: int = -1) -> jax.Array:
+    """A (C,) vector shaped to broadcast against data of rank `ndim`, C on `axis`."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _x(inputs: Inputs) -> jax.Array:
+    """x on the device in the row's layout (NCHW-contiguous in NCHW rows)."""
+    return device_array(inputs.x, inputs.dtype, inputs.channels_first)
 
 
 def _params(inputs: Inputs) -> tuple[jax.Array, ...]:
@@ -96,38 +120,46 @@ def _params(inputs: Inputs) -> tuple[jax.Array, ...]:
 
 
 def bnjax_batchnorm(inputs: Inputs, op: Op, *, bnjax: Any, renorm: bool = False) -> Forward:
-    """`bnjax.batchnorm_apply` (or `batchrenorm_apply`), params and state float32."""
+    """`bnjax.batchnorm_apply` (or `batchrenorm_apply`), params and state float32;
+    `axis=1` in NCHW rows."""
     apply = bnjax.batchrenorm_apply if renorm else bnjax.batchnorm_apply
     state = bnjax.BatchStats(jnp.asarray(inputs.mean), jnp.asarray(inputs.var), jnp.int32(0))
 
     def fn(x, params, state):
         y, new = apply(
-            bnjax.NormParams(*params), state, x, op.train, momentum=MOMENTUM, epsilon=EPSILON
+            bnjax.NormParams(*params),
+            state,
+            x,
+            op.train,
+            axis=inputs.channel_axis,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
         )
         return (y, new.mean, new.var) if op.train else (y,)
 
-    return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs), state)
+    return Forward(fn, _x(inputs), _params(inputs), state, inputs.channels_first)
 
 
 def _bnjax_stateless(apply: Callable, bnjax: Any, inputs: Inputs, op: Op) -> Forward:
-    """A stateless bnjax normalizer: `apply(NormParams, x)`."""
+    """A stateless bnjax normalizer: `apply(NormParams, x, axis)`, C on `axis`."""
 
     def fn(x, params, state):
         scale, *bias = params
-        return (apply(bnjax.NormParams(scale, bias[0] if bias else None), x),)
+        params = bnjax.NormParams(scale, bias[0] if bias else None)
+        return (apply(params, x, inputs.channel_axis),)
 
-    return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs))
+    return Forward(fn, _x(inputs), _params(inputs), None, inputs.channels_first)
 
 
 def _bnjax_forwards(bnjax: Any) -> dict[str, ForwardBuilder]:
-    def layernorm(params, x):
-        return bnjax.layernorm_apply(params, x, axis=-1, epsilon=EPSILON)
+    def layernorm(params, x, axis):
+        return bnjax.layernorm_apply(params, x, axis=axis, epsilon=EPSILON)
 
-    def groupnorm(params, x):
-        return bnjax.groupnorm_apply(params, x, num_groups=NUM_GROUPS, epsilon=EPSILON)
+    def groupnorm(params, x, axis):
+        return bnjax.groupnorm_apply(params, x, num_groups=NUM_GROUPS, axis=axis, epsilon=EPSILON)
 
-    def rmsnorm(params, x):
-        return bnjax.rmsnorm_apply(params, x, axis=-1, epsilon=RMS_EPSILON)
+    def rmsnorm(params, x, axis):
+        return bnjax.rmsnorm_apply(params, x, axis=axis, epsilon=RMS_EPSILON)
 
     return {
         "batchnorm": partial(bnjax_batchnorm, bnjax=bnjax),
@@ -142,21 +174,28 @@ def _bnjax_forwards(bnjax: Any) -> dict[str, ForwardBuilder]:
 
 
 def _naive(fn: Callable[..., tuple], inputs: Inputs, op: Op) -> Forward:
-    """A textbook forward on float32 copies of x, its output cast back to x's dtype."""
+    """A textbook forward on float32 copies of x, its output cast back to x's dtype.
+
+    `fn(x, params, state, train, c)` normalizes with the channels on axis `c`.
+    """
 
     def upcast(x, params, state):
-        y, *stats = fn(x.astype(jnp.float32), params, state, op.train)
+        y, *stats = fn(x.astype(jnp.float32), params, state, op.train, inputs.channel_axis % x.ndim)
         return (y.astype(x.dtype), *stats)
 
     state = (jnp.asarray(inputs.mean), jnp.asarray(inputs.var))
-    return Forward(upcast, device_array(inputs.x, inputs.dtype), _params(inputs), state)
+    return Forward(upcast, _x(inputs), _params(inputs), state, inputs.channels_first)
 
 
-def _naive_batchnorm(x, params, state, train):
-    axes = tuple(range(x.ndim - 1))
+def _all_but(ndim: int, *kept: int) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in kept)
+
+
+def _naive_batchnorm(x, params, state, train, c):
+    axes = _all_but(x.ndim, c)
     mean, var = (jnp.mean(x, axes), jnp.var(x, axes)) if train else state
-    scale, bias = (per_channel(p, x.ndim) for p in params)
-    y = (x - per_channel(mean, x.ndim)) / jnp.sqrt(per_channel(var, x.ndim) + EPSILON)
+    scale, bias = (per_channel(p, x.ndim, c) for p in params)
+    y = (x - per_channel(mean, x.ndim, c)) / jnp.sqrt(per_channel(var, x.ndim, c) + EPSILON)
     y = y * scale + bias
     if not train:
         return (y,)
@@ -167,15 +206,15 @@ def _naive_batchnorm(x, params, state, train):
     )
 
 
-def _naive_batchrenorm(x, params, state, train):
-    axes = tuple(range(x.ndim - 1))
+def _naive_batchrenorm(x, params, state, train, c):
+    axes = _all_but(x.ndim, c)
     mean, var = jnp.mean(x, axes), jnp.var(x, axes)
     sigma_batch, sigma = jnp.sqrt(var + EPSILON), jnp.sqrt(state[1] + EPSILON)
     r = jax.lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / R_MAX, R_MAX))
     d = jax.lax.stop_gradient(jnp.clip((mean - state[0]) / sigma, -D_MAX, D_MAX))
-    scale, bias = (per_channel(p, x.ndim) for p in params)
-    y = (x - per_channel(mean, x.ndim)) / per_channel(sigma_batch, x.ndim)
-    y = (y * per_channel(r, x.ndim) + per_channel(d, x.ndim)) * scale + bias
+    scale, bias = (per_channel(p, x.ndim, c) for p in params)
+    y = (x - per_channel(mean, x.ndim, c)) / per_channel(sigma_batch, x.ndim, c)
+    y = (y * per_channel(r, x.ndim, c) + per_channel(d, x.ndim, c)) * scale + bias
     return (
         y,
         MOMENTUM * state[0] + (1 - MOMENTUM) * mean,
@@ -183,24 +222,24 @@ def _naive_batchrenorm(x, params, state, train):
     )
 
 
-def _naive_layernorm(x, params, state, train):
-    mean, var = jnp.mean(x, -1, keepdims=True), jnp.var(x, -1, keepdims=True)
-    scale, bias = (per_channel(p, x.ndim) for p in params)
+def _naive_layernorm(x, params, state, train, c):
+    mean, var = jnp.mean(x, c, keepdims=True), jnp.var(x, c, keepdims=True)
+    scale, bias = (per_channel(p, x.ndim, c) for p in params)
     return ((x - mean) / jnp.sqrt(var + EPSILON) * scale + bias,)
 
 
-def _naive_groupnorm(x, params, state, train):
-    grouped = x.reshape(*x.shape[:-1], NUM_GROUPS, -1)
-    axes = (*range(1, x.ndim - 1), x.ndim)  # all but the batch and the group axes
+def _naive_groupnorm(x, params, state, train, c):
+    grouped = x.reshape(*x.shape[:c], NUM_GROUPS, -1, *x.shape[c + 1 :])
+    axes = _all_but(grouped.ndim, 0, c)  # all but the batch and the group axes
     mean, var = jnp.mean(grouped, axes, keepdims=True), jnp.var(grouped, axes, keepdims=True)
     y = ((grouped - mean) / jnp.sqrt(var + EPSILON)).reshape(x.shape)
-    scale, bias = (per_channel(p, x.ndim) for p in params)
+    scale, bias = (per_channel(p, x.ndim, c) for p in params)
     return (y * scale + bias,)
 
 
-def _naive_rmsnorm(x, params, state, train):
-    mean_square = jnp.mean(x * x, -1, keepdims=True)
-    return (x / jnp.sqrt(mean_square + RMS_EPSILON) * per_channel(params[0], x.ndim),)
+def _naive_rmsnorm(x, params, state, train, c):
+    mean_square = jnp.mean(x * x, c, keepdims=True)
+    return (x / jnp.sqrt(mean_square + RMS_EPSILON) * per_channel(params[0], x.ndim, c),)
 
 
 NAIVE: dict[str, ForwardBuilder] = {
@@ -216,15 +255,17 @@ NAIVE: dict[str, ForwardBuilder] = {
 
 
 def floor(inputs: Inputs, op: Op) -> Forward:
-    """`x * a + b` (`x * a` for RMSNorm, which has no bias), cast to x's dtype."""
+    """`x * a + b` (`x * a` for RMSNorm, which has no bias), cast to x's dtype, with
+    `a` and `b` broadcast along the channels' axis (axis 1 in NCHW rows)."""
+    axis = inputs.channel_axis
 
     def fn(x, params, state):
-        y = x * per_channel(params[0], x.ndim)
+        y = x * per_channel(params[0], x.ndim, axis)
         if len(params) > 1:
-            y = y + per_channel(params[1], x.ndim)
+            y = y + per_channel(params[1], x.ndim, axis)
         return (y.astype(x.dtype),)
 
-    return Forward(fn, device_array(inputs.x, inputs.dtype), _params(inputs))
+    return Forward(fn, _x(inputs), _params(inputs), None, inputs.channels_first)
 
 
 FLOOR: dict[str, ForwardBuilder] = {

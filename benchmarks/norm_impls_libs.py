@@ -5,13 +5,26 @@ epsilon, groups) and its defaults otherwise, and takes the case's scale and
 bias as its parameters (and running statistics as its state), in the shape
 and dtype the library keeps them. A library is imported when first used, so
 that a missing one is skipped with the reason.
+
+In NCHW rows each gets NCHW arrays and its own channels-first form (see
+`NCHW_NOTES`); where it has none, the implementation is not applicable: the
+harness never transposes on a library's behalf.
 """
 
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-from norm_cases import EPSILON, MOMENTUM, NUM_GROUPS, RMS_EPSILON, Inputs, Op, require
+from norm_cases import (
+    EPSILON,
+    MOMENTUM,
+    NUM_GROUPS,
+    RMS_EPSILON,
+    Inputs,
+    NotApplicable,
+    Op,
+    require,
+)
 from norm_impls_jax import Forward, ForwardBuilder, device_array
 
 # How each library treats bfloat16 inputs, and what the harness adapts.
@@ -27,16 +40,34 @@ NOTES = {
     "input; BatchNorm mode='batch', vmapped with axis_name; LayerNorm/RMSNorm vmapped "
     "over N, H, W",
 }
+# What each library does in the NCHW rows (BatchNorm and GroupNorm on NCHW arrays).
+NCHW_NOTES = {
+    "flax": "nn.BatchNorm(axis=1); nn.GroupNorm normalizes channels-last only (its "
+    "reduction_axes must include the last axis), so GroupNorm is n/a in NCHW rows rather "
+    "than timed behind a transpose (its NHWC time is in the NHWC rows)",
+    "haiku": "hk.BatchNorm(data_format='channels_first'), hk.GroupNorm("
+    "data_format='channels_first'); BatchNorm's params and moving averages shaped "
+    "(1, C, 1, 1), GroupNorm's params (C, 1, 1), as Haiku makes them",
+    "equinox": "BatchNorm and GroupNorm are channels-first natively (as in the NHWC rows), "
+    "vmapped over N",
+}
+
+
+def _channels_last_only(inputs: Inputs, what: str) -> None:
+    """Raises `NotApplicable` in NCHW rows for a module without a channels-first form."""
+    if inputs.channels_first:
+        raise NotApplicable(f"{what} is channels-last only")
 
 
 # --- Flax linen ---------------------------------------------------------------
 
 
 def flax_batchnorm(inputs: Inputs, op: Op) -> Forward:
-    """`nn.BatchNorm`, its running statistics in the `batch_stats` collection."""
+    """`nn.BatchNorm` (`axis=1` in NCHW rows), its running statistics in `batch_stats`."""
     nn = require("flax.linen", "flax")
     model = nn.BatchNorm(
         use_running_average=not op.train,
+        axis=inputs.channel_axis,
         momentum=MOMENTUM,
         epsilon=EPSILON,
         dtype=jnp.dtype(inputs.dtype),
@@ -50,13 +81,15 @@ def flax_batchnorm(inputs: Inputs, op: Op) -> Forward:
         return y, updates["batch_stats"]["mean"], updates["batch_stats"]["var"]
 
     stats = {"batch_stats": {"mean": jnp.asarray(inputs.mean), "var": jnp.asarray(inputs.var)}}
-    x = device_array(inputs.x, inputs.dtype)
-    return Forward(fn, x, tuple(map(jnp.asarray, inputs.params)), stats)
+    x = device_array(inputs.x, inputs.dtype, inputs.channels_first)
+    params = tuple(map(jnp.asarray, inputs.params))
+    return Forward(fn, x, params, stats, inputs.channels_first)
 
 
 def _flax_stateless(make_model, inputs: Inputs, op: Op) -> Forward:
-    """A stateless linen module whose params are named "scale" (and "bias")."""
+    """A stateless linen module whose params are named "scale" (and "bias"); features last."""
     nn = require("flax.linen", "flax")
+    _channels_last_only(inputs, f"flax.linen's {op.norm}")
     model = make_model(nn, jnp.dtype(inputs.dtype))
 
     def fn(x, params, state):
@@ -85,16 +118,26 @@ FLAX: dict[str, ForwardBuilder] = {
 # --- Haiku --------------------------------------------------------------------
 
 
-def _haiku(make_module, inputs: Inputs, op: Op) -> Forward:
+def _haiku(make_module, inputs: Inputs, op: Op, *, last_axis: bool = False) -> Forward:
     """A module under `hk.transform_with_state`, its params set to the case's.
 
-    For BatchNorm, both halves of each moving average (`hidden`, `average`)
-    start at the case's running statistics, and the new `hidden` is returned.
+    `make_module(hk, data_format)` gets "channels_first" in NCHW rows; a
+    module over the last axis (`last_axis`) takes none and is not applicable
+    there. For BatchNorm, both halves of each moving average (`hidden`,
+    `average`) start at the case's running statistics, and the new `hidden`
+    is returned.
     """
     hk = require("haiku", "dm-haiku")
-    transformed = hk.transform_with_state(lambda x: make_module(hk)(x, **_haiku_call(op)))
-    x = device_array(inputs.x, inputs.dtype)
-    training = hk.transform_with_state(lambda x: make_module(hk)(x, **_haiku_call(op, True)))
+    if last_axis:
+        _channels_last_only(inputs, f"haiku's {op.norm} here (over the last axis)")
+    data_format = "channels_first" if inputs.channels_first else "channels_last"
+    transformed = hk.transform_with_state(
+        lambda x: make_module(hk, data_format)(x, **_haiku_call(op))
+    )
+    x = device_array(inputs.x, inputs.dtype, inputs.channels_first)
+    training = hk.transform_with_state(
+        lambda x: make_module(hk, data_format)(x, **_haiku_call(op, True))
+    )
     params0, state0 = training.init(jax.random.key(0), x)  # eval mode cannot create the state
     [(module, leaves0)] = params0.items()
     names = ("scale", "offset")[: len(inputs.params)]
@@ -112,7 +155,7 @@ def _haiku(make_module, inputs: Inputs, op: Op) -> Forward:
             return (y,)
         return (y, *(new_state[k]["hidden"] for k in sorted(new_state)))  # mean_ema, var_ema
 
-    return Forward(fn, x, params, state)
+    return Forward(fn, x, params, state, inputs.channels_first)
 
 
 def _haiku_call(op: Op, train: bool | None = None) -> dict:
@@ -135,16 +178,26 @@ def _haiku_state(state0: dict, inputs: Inputs) -> dict:
 HAIKU: dict[str, ForwardBuilder] = {
     "batchnorm": partial(
         _haiku,
-        lambda hk: hk.BatchNorm(
-            create_scale=True, create_offset=True, decay_rate=MOMENTUM, eps=EPSILON
+        lambda hk, data_format: hk.BatchNorm(
+            create_scale=True,
+            create_offset=True,
+            decay_rate=MOMENTUM,
+            eps=EPSILON,
+            data_format=data_format,
         ),
     ),
     "layernorm": partial(
         _haiku,
-        lambda hk: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=EPSILON),
+        lambda hk, _: hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=EPSILON),
+        last_axis=True,
     ),
-    "groupnorm": partial(_haiku, lambda hk: hk.GroupNorm(groups=NUM_GROUPS, eps=EPSILON)),
-    "rmsnorm": partial(_haiku, lambda hk: hk.RMSNorm(axis=-1, eps=RMS_EPSILON)),
+    "groupnorm": partial(
+        _haiku,
+        lambda hk, data_format: hk.GroupNorm(
+            groups=NUM_GROUPS, eps=EPSILON, data_format=data_format
+        ),
+    ),
+    "rmsnorm": partial(_haiku, lambda hk, _: hk.RMSNorm(axis=-1, eps=RMS_EPSILON), last_axis=True),
 }
 
 
@@ -184,6 +237,8 @@ def equinox_batchnorm(inputs: Inputs, op: Op) -> Forward:
 def _equinox_stateless(make_module, channels_first: bool, inputs: Inputs, op: Op) -> Forward:
     """A stateless module, vmapped over N (channels-first) or over all but C."""
     eqx = require("equinox", "equinox")
+    if inputs.channels_first and not channels_first:
+        _channels_last_only(inputs, f"equinox's {op.norm} here (vmapped over all but C)")
     module = make_module(eqx, inputs.x.shape[-1])
     x = device_array(inputs.x, inputs.dtype, channels_first)
     depth = 1 if channels_first else x.ndim - 1

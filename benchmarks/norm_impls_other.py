@@ -4,8 +4,10 @@ PyTorch runs eagerly and synchronously on the CPU, so a plain call is timed.
 Its tensors are NCHW, either contiguous (`torch-nchw`) or with
 `memory_format=torch.channels_last` (`torch-nhwc`); LayerNorm and RMSNorm over
 C permute the channels last first, a view for channels_last and a copy (made
-inside the op) for contiguous NCHW. numpy-ml has only BatchNorm and
-LayerNorm, with hand-written backward passes, float32 here as the inputs.
+inside the op) for contiguous NCHW. NCHW rows are PyTorch's own layout, timed
+as `torch-nchw`; `torch-nhwc` is skipped there (its layout is the NHWC
+rows'). numpy-ml has only BatchNorm and LayerNorm, channels-last, with
+hand-written backward passes, float32 here as the inputs.
 """
 
 import collections
@@ -37,6 +39,12 @@ NOTES = {
     "unbiased, converted to bnjax's biased one for the check",
     "numpy-ml": "float32 arrays and params; BatchNorm2D (4-D) or BatchNorm1D (2-D); "
     "LayerNorm1D on x reshaped to (N*H*W, C); no bfloat16 in numpy",
+}
+# What each does in the NCHW rows.
+NCHW_NOTES = {
+    "torch": "torch-nchw: contiguous NCHW tensors, PyTorch's default layout; torch-nhwc "
+    "(channels_last) is skipped in NCHW rows, its layout being the NHWC rows'",
+    "numpy-ml": "BatchNorm2D takes (N, H, W, C) only: n/a in NCHW rows",
 }
 
 
@@ -75,6 +83,8 @@ def torch_bench(inputs: Inputs, op: Op, *, channels_last: bool) -> Bench:
     torch = require("torch", "torch")
     if channels_last and inputs.x.ndim == 2:
         raise Skip("2-D input has one layout (see torch-nchw)")
+    if channels_last and inputs.channels_first:
+        raise Skip("an NCHW row: contiguous NCHW is torch-nchw; channels_last is the NHWC rows'")
     forward = _torch_forward(torch, op, inputs.x.shape[-1])
     dtype = getattr(torch, inputs.dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -155,6 +165,8 @@ def _numpy_ml_layers():
 def _numpy_ml_layer(inputs: Inputs, op: Op) -> tuple[Any, np.ndarray]:
     """The layer for `op.norm`, its float32 parameters set, and the array it takes."""
     layers = _numpy_ml_layers()
+    if inputs.channels_first:
+        raise NotApplicable("its layers take channels-last arrays only")
     x, channels = inputs.x, inputs.x.shape[-1]
     if op.norm == "batchnorm" and x.ndim in (2, 4):
         kind = layers.BatchNorm1D if x.ndim == 2 else layers.BatchNorm2D

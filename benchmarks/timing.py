@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -124,7 +125,8 @@ def malloc_settings() -> dict[str, str | None]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    """The CPU's model name from /proc/cpuinfo (as `lscpu`'s "Model name"), else
+    what `platform` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -133,6 +135,32 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_topology() -> dict[str, Any]:
+    """Logical CPUs, the ones this process may run on, and `lscpu`'s sockets,
+    cores per socket and threads per core (None where unknown)."""
+    schedulable = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
+    topology: dict[str, Any] = {"logical_cpus": os.cpu_count(), "schedulable_cpus": schedulable}
+    fields = {
+        "Socket(s)": "sockets",
+        "Core(s) per socket": "cores_per_socket",
+        "Thread(s) per core": "threads_per_core",
+    }
+    topology.update(dict.fromkeys(fields.values()))
+    try:
+        lines = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return topology
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in fields and value.strip().isdigit():
+            topology[fields[key.strip()]] = int(value.strip())
+    return topology
 
 
 def write_results(path: str, rows: list[dict], **meta) -> None:

@@ -223,3 +223,21 @@ def test_norms_benchmark_times_every_available_implementation(tmp_path):
     skipped = [e for e in equinox if e["status"] == "skipped"]
     assert "equinox" in timed or all("not installed" in e["reason"] for e in skipped), equinox
     assert "equinox" in timed or skipped, equinox
+    # Every workload names its layout; the NCHW and the bfloat16 (tokens, features) paths ran.
+    assert all(row["workload"].split()[0] in ("NHWC", "NCHW", "NC") for row in rows), rows
+    nchw = {row["op"]: row["results"] for row in rows if row["workload"].startswith("NCHW")}
+    assert set(nchw) >= {"bn-train-fwd", "gn-fwd+bwd"}, set(nchw)
+    for op, results in nchw.items():
+        # Every JAX library and contiguous PyTorch on NCHW arrays, checked against bnjax.
+        for name in ("floor", "bnjax", "naive", "haiku", "torch-nchw"):
+            assert results[name]["status"] == "ok", (op, name, results[name])
+        assert results["torch-nhwc"]["status"] == "skipped", results["torch-nhwc"]
+        assert results["numpy-ml"]["status"] == "n/a", results["numpy-ml"]
+        flax = "n/a" if op.startswith("gn") else "ok"  # linen's GroupNorm is channels-last
+        assert results["flax"]["status"] == flax, (op, results["flax"])
+    tokens = {row["op"] for row in rows if row["workload"].startswith("NC (")}
+    assert tokens >= {"rms-fwd", "ln-fwd+bwd"}, tokens
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["cpu"] and meta["cpu_topology"]["schedulable_cpus"] >= 1, meta
+    assert {"jax", "jaxlib", "flax", "dm-haiku", "torch"} <= set(meta["versions"]), meta
+    assert meta["date"] and set(meta["nchw_notes"]) >= {"flax", "haiku", "torch"}, meta
