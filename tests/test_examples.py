@@ -241,3 +241,26 @@ def test_norms_benchmark_times_every_available_implementation(tmp_path):
     assert meta["cpu"] and meta["cpu_topology"]["schedulable_cpus"] >= 1, meta
     assert {"jax", "jaxlib", "flax", "dm-haiku", "torch"} <= set(meta["versions"]), meta
     assert meta["date"] and set(meta["nchw_notes"]) >= {"flax", "haiku", "torch"}, meta
+
+
+def test_compare_runs_tables_bnjax_over_the_fastest_matching_jax_library(tmp_path):
+    def run(date, flax_ms, haiku_status):
+        results = {
+            "bnjax": {"status": "ok", "median_ms": 3.0},
+            "flax": {"status": "ok", "median_ms": flax_ms},
+            "haiku": {"status": haiku_status, "median_ms": 1.0},  # fastest, unless it mismatched
+            "torch-nchw": {"status": "ok", "median_ms": 6.0},
+        }
+        row = {"workload": "NC (8,4) f32", "label": "LN(C) fwd", "results": results}
+        return {"meta": {"cpu": "some CPU", "date": date}, "rows": [row]}
+
+    paths = []
+    for i, (flax_ms, haiku_status) in enumerate([(2.0, "mismatch"), (4.0, "ok")]):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run(f"day {i}", flax_ms, haiku_status)))
+    script = EXAMPLES.parent / "benchmarks" / "compare_runs.py"
+    result = run_demo(*map(str, paths), script=script)
+    assert result.returncode == 0, result.stderr
+    assert "| NC (8,4) f32 | LN(C) fwd | 1.50 (flax) | 0.50 (torch-nchw) | 3.00 (haiku) |" in (
+        result.stdout
+    ), result.stdout
