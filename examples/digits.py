@@ -102,6 +102,8 @@ def init_model(
     key: jax.Array,
     batch_size: int,
     channels: Sequence[int] = CHANNELS,
+    *,
+    sizes: Sequence[int] | None = None,
 ) -> tuple[Params, States]:
     """Creates the conv net's parameters and its normalizers' running states.
 
@@ -110,6 +112,8 @@ def init_model(
       key: a `jax.random` key for the kernels.
       batch_size: the batch size `norm.init` sees (only its shape matters).
       channels: output channels of each conv layer.
+      sizes: the side of each layer's square maps; default 8 for every
+        layer (this net does not pool; `mnist.py`'s does).
 
     Returns:
       `(params, states)`: He-initialized kernels, the normalizer's initial
@@ -119,10 +123,11 @@ def init_model(
     keys = jax.random.split(key, len(channels))
     kernels, norms, states = [], [], []
     in_channels = IMAGE_SHAPE[-1]
-    for layer_key, out_channels in zip(keys, channels, strict=True):
+    sizes = [IMAGE_SHAPE[0]] * len(channels) if sizes is None else sizes
+    for layer_key, out_channels, size in zip(keys, channels, sizes, strict=True):
         shape = (3, 3, in_channels, out_channels)
         kernels.append(jax.nn.initializers.he_normal()(layer_key, shape, jnp.float32))
-        norm_params, state = norm.init((batch_size, *IMAGE_SHAPE[:-1], out_channels))
+        norm_params, state = norm.init((batch_size, size, size, out_channels))
         norms.append(norm_params)
         states.append(state)
         in_channels = out_channels
@@ -143,6 +148,7 @@ def forward(
     train: bool,
     *,
     standardize: bool = False,
+    pool: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, States]:
     """Computes class logits.
 
@@ -155,16 +161,21 @@ def forward(
         evaluation mode (running statistics, state unchanged).
       standardize: convolve with `bnjax.weight_standardize(kernel)` instead
         of the kernel (Weight Standardization; gradients flow through it).
+      pool: applied after every layer but the last (none here; `mnist.py`
+        halves its maps).
 
     Returns:
       `(logits, new_states)`: `(N, 10)` logits and the normalizers' new states.
     """
     x = images
     new_states = []
-    for kernel, norm_params, state in zip(params.kernels, params.norms, states, strict=True):
+    last = len(params.kernels) - 1
+    layers = zip(params.kernels, params.norms, states, strict=True)
+    for i, (kernel, norm_params, state) in enumerate(layers):
         kernel = bnjax.weight_standardize(kernel) if standardize else kernel
         x, state = norm.apply(norm_params, state, conv3x3(x, kernel), train)
         x = jax.nn.relu(x)
+        x = pool(x) if pool is not None and i < last else x
         new_states.append(state)
     pooled = jnp.mean(x, axis=(1, 2))
     # Broadcast explicitly: the tests run with jax_numpy_rank_promotion='raise'.
@@ -172,20 +183,29 @@ def forward(
     return logits, tuple(new_states)
 
 
-def make_net(norm: bnjax.Normalizer, *, standardize: bool = False) -> Net:
+def make_net(
+    norm: bnjax.Normalizer,
+    *,
+    standardize: bool = False,
+    channels: Sequence[int] = CHANNELS,
+    sizes: Sequence[int] | None = None,
+    pool: Callable[[jax.Array], jax.Array] | None = None,
+) -> Net:
     """This conv net with `norm` after every convolution, as a `Net`.
 
     Args:
       norm: the normalizer of every conv layer.
       standardize: Weight Standardization of every conv kernel (see `forward`).
+      channels, sizes: as in `init_model`.
+      pool: as in `forward`.
     """
 
     def init(key: jax.Array, batch_size: int) -> tuple[Params, States]:
-        return init_model(norm, key, batch_size)
+        return init_model(norm, key, batch_size, channels, sizes=sizes)
 
     def apply(
         params: Params, states: States, images: jax.Array, train: bool
     ) -> tuple[jax.Array, States]:
-        return forward(norm, params, states, images, train, standardize=standardize)
+        return forward(norm, params, states, images, train, standardize=standardize, pool=pool)
 
     return Net(init, apply)

@@ -18,10 +18,11 @@ Like `digits.py`, the net only calls a `bnjax.Normalizer`'s `init` and
 
 from collections.abc import Sequence
 
+import digits
 import jax
 import jax.numpy as jnp
 import numpy as np
-from digits import Net, Params, Split, States, conv3x3
+from digits import Net, Params, Split, States
 from sklearn.model_selection import train_test_split
 
 import bnjax
@@ -72,38 +73,9 @@ def max_pool(x: jax.Array) -> jax.Array:
 def init_model(
     norm: bnjax.Normalizer, key: jax.Array, batch_size: int, channels: Sequence[int] = CHANNELS
 ) -> tuple[Params, States]:
-    """Creates the net's parameters and its normalizers' running states.
-
-    Args:
-      norm: the normalizer of every conv layer.
-      key: a `jax.random` key for the kernels.
-      batch_size: the batch size `norm.init` sees (only its shape matters).
-      channels: output channels of each stage's convolution.
-
-    Returns:
-      `(params, states)`: He-initialized `(3, 3, in, out)` kernels, the
-      normalizer's initial parameters and states for each stage's map size,
-      and a zero head.
-    """
-    keys = jax.random.split(key, len(channels))
-    kernels, norms, states = [], [], []
-    in_channels = IMAGE_SHAPE[-1]
-    for layer_key, out_channels, size in zip(
-        keys, channels, stage_sizes(len(channels)), strict=True
-    ):
-        shape = (3, 3, in_channels, out_channels)
-        kernels.append(jax.nn.initializers.he_normal()(layer_key, shape, jnp.float32))
-        norm_params, state = norm.init((batch_size, size, size, out_channels))
-        norms.append(norm_params)
-        states.append(state)
-        in_channels = out_channels
-    params = Params(
-        kernels=tuple(kernels),
-        norms=tuple(norms),
-        head_kernel=jnp.zeros((in_channels, NUM_CLASSES), jnp.float32),
-        head_bias=jnp.zeros((NUM_CLASSES,), jnp.float32),
-    )
-    return params, tuple(states)
+    """The net's parameters and running states (see `digits.init_model`), stage sides 28 to 4."""
+    sizes = stage_sizes(len(channels))
+    return digits.init_model(norm, key, batch_size, channels, sizes=sizes)
 
 
 def forward(
@@ -115,36 +87,15 @@ def forward(
     *,
     standardize: bool = False,
 ) -> tuple[jax.Array, States]:
-    """Computes class logits for `(N, 28, 28, 1)` images; see `digits.forward`.
-
-    Returns:
-      `(logits, new_states)`: `(N, 10)` logits and the normalizers' new states.
-    """
-    x = images
-    new_states = []
-    last = len(params.kernels) - 1
-    for i, (kernel, norm_params, state) in enumerate(
-        zip(params.kernels, params.norms, states, strict=True)
-    ):
-        kernel = bnjax.weight_standardize(kernel) if standardize else kernel
-        x, state = norm.apply(norm_params, state, conv3x3(x, kernel), train)
-        x = jax.nn.relu(x)
-        x = max_pool(x) if i < last else x
-        new_states.append(state)
-    pooled = jnp.mean(x, axis=(1, 2))
-    logits = pooled @ params.head_kernel + params.head_bias[None, :]
-    return logits, tuple(new_states)
+    """Logits `(N, 10)` for `(N, 28, 28, 1)` images, and the new states; see `digits.forward`."""
+    return digits.forward(
+        norm, params, states, images, train, standardize=standardize, pool=max_pool
+    )
 
 
 def make_net(norm: bnjax.Normalizer, *, standardize: bool = False) -> Net:
     """This net with `norm` after every convolution, as a `Net` (see `digits.make_net`)."""
-
-    def init(key: jax.Array, batch_size: int) -> tuple[Params, States]:
-        return init_model(norm, key, batch_size)
-
-    def apply(
-        params: Params, states: States, images: jax.Array, train: bool
-    ) -> tuple[jax.Array, States]:
-        return forward(norm, params, states, images, train, standardize=standardize)
-
-    return Net(init, apply)
+    sizes = stage_sizes(len(CHANNELS))
+    return digits.make_net(
+        norm, standardize=standardize, channels=CHANNELS, sizes=sizes, pool=max_pool
+    )
