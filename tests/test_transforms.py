@@ -22,9 +22,13 @@ from bnjax._src import (
     layernorm,
     precise,
     rmsnorm,
+    spectralnorm,
     weight_decay,
+    weight_factories,
+    weight_standardization,
+    weightnorm,
 )
-from bnjax._src.convert import flax_linen, haiku, keras, pytorch
+from bnjax._src.convert import flax_linen, haiku, keras, pytorch, pytorch_parametrizations
 from tests.helpers import perturbed_params
 
 
@@ -93,8 +97,13 @@ def test_jvp_equals_linearized_vjp(name):
         layernorm,
         precise,
         pytorch,
+        pytorch_parametrizations,
         rmsnorm,
+        spectralnorm,
         weight_decay,
+        weight_factories,
+        weight_standardization,
+        weightnorm,
     ],
     ids=lambda m: m.__name__,
 )

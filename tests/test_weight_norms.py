@@ -6,8 +6,6 @@ reference step for step, with their stored values converted by
 Standardization against a float64 formula (tests/references.py).
 """
 
-import doctest
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +17,6 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import bnjax
 from bnjax import convert
-from bnjax._src import spectralnorm as spectralnorm_module
-from bnjax._src import weight_factories, weight_standardization
-from bnjax._src import weightnorm as weightnorm_module
-from bnjax._src.convert import pytorch_parametrizations
 from tests import references
 from tests.tolerances import CHECK_GRADS_TOL, LARGE_MEAN_TOL, SPECTRAL_SIGMA_TOL, TOL
 
@@ -489,20 +483,3 @@ ERRORS = {
 def test_bad_input_raises_at_trace_time_with_a_clear_message(call, error, message):
     with pytest.raises(error, match=message):
         call()
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        weightnorm_module,
-        spectralnorm_module,
-        weight_standardization,
-        weight_factories,
-        pytorch_parametrizations,
-    ],
-    ids=lambda m: m.__name__,
-)
-def test_docstring_examples_run(module):
-    globs = {"bnjax": bnjax, "jnp": jnp, "jax": jax, "np": np}
-    result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
