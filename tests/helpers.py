@@ -50,3 +50,8 @@ def random_mask(rng, shape, fraction=0.6):
     mask.flat[0] = False
     mask.flat[-2:] = True
     return mask
+
+
+def f64(a):
+    """`a` as a float64 numpy array, for the references; None stays None."""
+    return None if a is None else np.asarray(a, np.float64)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import bnjax
 from tests import references
-from tests.helpers import random_examples, random_params
+from tests.helpers import f64, random_examples, random_params
 from tests.tolerances import BF16_ROUNDED_ONCE_MISMATCHES, TOL
 
 
@@ -167,15 +167,11 @@ def _inputs(case: Case, dtype: Any = np.float32, seed: int = 0):
     return x, params, state, modulation
 
 
-def _f64(a):
-    return None if a is None else np.asarray(a, np.float64)
-
-
 def _expected(case, x, params, state, modulation, scale=None):
     """The float64 reference: the normalizer with `scale` (default `params.scale`), modulated."""
     scale = params.scale if scale is None else scale
-    y = case.reference(_f64(x), _f64(scale), _f64(params.bias), state)
-    return references.modulate(y, *(_f64(m) for m in modulation))
+    y = case.reference(f64(x), f64(scale), f64(params.bias), state)
+    return references.modulate(y, *(f64(m) for m in modulation))
 
 
 def _call(case, params, state, x, **keywords):
@@ -360,7 +356,7 @@ def test_zero_centered_scale_applies_one_plus_g(name):
     x, params, state, modulation = _inputs(case)
     g = params.scale - 1.3  # both signs, away from 0
     y = _call(case, params._replace(scale=g), state, x, zero_centered_scale=True)
-    expected = _expected(case, x, params, state, (None, None), scale=1 + _f64(g))
+    expected = _expected(case, x, params, state, (None, None), scale=1 + f64(g))
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
 
@@ -421,7 +417,7 @@ def test_factory_binds_zero_centered_scale_into_init_and_apply_alike(name):
     np.testing.assert_array_equal(params.scale, 0)
     trained = params._replace(scale=params.scale + 0.25)
     y, _ = jax.jit(lambda: norm.apply(trained, state, x, True))()
-    expected = case.reference(_f64(x), np.full(case.param_shape, 1.25), _f64(params.bias), state)
+    expected = case.reference(f64(x), np.full(case.param_shape, 1.25), f64(params.bias), state)
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
 

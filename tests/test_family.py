@@ -13,17 +13,13 @@ import torch.nn.functional as F
 
 import bnjax
 from tests import references
-from tests.helpers import random_input, random_mask, random_params
+from tests.helpers import f64, random_input, random_mask, random_params
 from tests.tolerances import FINITE_DIFFERENCE_TOL, LARGE_MEAN_TOL, TOL
 
 
 def _jit(fn, *args, **kwargs):
     """`fn(*args, **kwargs)` under `jax.jit`: one compilation instead of one per operation."""
     return jax.jit(lambda: fn(*args, **kwargs))()
-
-
-def _f64(a):
-    return None if a is None else np.asarray(a, np.float64)
 
 
 def _state(mean, var, dtype=np.float32):
@@ -237,7 +233,7 @@ def test_groupnorm_matches_float64_reference(shape, axis, num_groups):
     y = _jit(bnjax.groupnorm_apply, params, jnp.asarray(x), num_groups=num_groups, axis=axis)
 
     expected = references.groupnorm(
-        x, _f64(params.scale), _f64(params.bias), num_groups=num_groups, axis=axis
+        x, f64(params.scale), f64(params.bias), num_groups=num_groups, axis=axis
     )
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
@@ -254,7 +250,7 @@ def test_instancenorm_matches_float64_reference(shape, axis):
 
     y = _jit(bnjax.instancenorm_apply, params, jnp.asarray(x), axis=axis)
 
-    expected = references.instancenorm(x, _f64(params.scale), _f64(params.bias), axis=axis)
+    expected = references.instancenorm(x, f64(params.scale), f64(params.bias), axis=axis)
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
 
@@ -325,8 +321,8 @@ def test_batchrenorm_output_matches_float64_reference(shape, stats, limits, clip
 
     expected, _, _, r, d = references.batchrenorm(
         x,
-        _f64(params.scale),
-        _f64(params.bias),
+        f64(params.scale),
+        f64(params.bias),
         running_mean,
         running_var,
         r_max=r_max,
@@ -377,7 +373,7 @@ def _renorm_grad_case(stats, limits):
     x, params, running_mean, running_var = _renorm_case(22, (6, 3), stats)
     x = x.astype(np.float64)
     dy = np.random.default_rng(23).normal(size=x.shape)
-    params64 = bnjax.NormParams(jnp.asarray(_f64(params.scale)), jnp.asarray(_f64(params.bias)))
+    params64 = bnjax.NormParams(jnp.asarray(f64(params.scale)), jnp.asarray(f64(params.bias)))
     state64 = _state(running_mean, running_var, np.float64)
 
     def loss(x):
@@ -389,8 +385,8 @@ def _renorm_grad_case(stats, limits):
     def reference_loss(x, fixed):
         y, _, _, _, _ = references.batchrenorm(
             x,
-            _f64(params.scale),
-            _f64(params.bias),
+            f64(params.scale),
+            f64(params.bias),
             running_mean,
             running_var,
             r_max=limits[0],
@@ -451,8 +447,8 @@ def test_ghost_batchnorm_output_matches_float64_reference(shape, axis, virtual_b
 
     expected, _, _ = references.ghost_batchnorm(
         x,
-        _f64(params.scale),
-        _f64(params.bias),
+        f64(params.scale),
+        f64(params.bias),
         virtual_batch_size=virtual_batch_size,
         axis=axis,
     )
@@ -618,8 +614,8 @@ def test_masked_groupnorm_matches_reference_on_unmasked_entries(
 
     expected = references.groupnorm(
         x,
-        _f64(params.scale),
-        _f64(params.bias),
+        f64(params.scale),
+        f64(params.bias),
         num_groups=num_groups,
         axis=axis,
         mask=references.full_mask(mask, shape),
@@ -641,7 +637,7 @@ def test_masked_instancenorm_matches_reference_on_unmasked_entries(shape, axis, 
     y = _jit(bnjax.instancenorm_apply, params, jnp.asarray(x), axis=axis, mask=mask)
 
     expected = references.instancenorm(
-        x, _f64(params.scale), _f64(params.bias), axis=axis, mask=references.full_mask(mask, shape)
+        x, f64(params.scale), f64(params.bias), axis=axis, mask=references.full_mask(mask, shape)
     )
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
@@ -673,7 +669,7 @@ def test_masked_layernorm_matches_reference_on_unmasked_entries(shape, axes, mas
 
     y = _jit(bnjax.layernorm_apply, params, jnp.asarray(x), axis=axes, mask=mask)
 
-    expected = references.layernorm(x, _f64(params.scale), _f64(params.bias), axes=axes, mask=mask)
+    expected = references.layernorm(x, f64(params.scale), f64(params.bias), axes=axes, mask=mask)
     np.testing.assert_allclose(y, expected, **TOL["float32"])
 
 
@@ -716,8 +712,8 @@ def test_masked_batchrenorm_matches_reference_on_unmasked_entries(shape, mask_sh
 
     expected, mean, var, _, _ = references.batchrenorm(
         x,
-        _f64(params.scale),
-        _f64(params.bias),
+        f64(params.scale),
+        f64(params.bias),
         running_mean,
         running_var,
         mask=mask[..., None],
@@ -761,8 +757,8 @@ def test_masked_ghost_batchnorm_matches_reference_on_unmasked_entries(
 
     expected, mean, var = references.ghost_batchnorm(
         x,
-        _f64(params.scale),
-        _f64(params.bias),
+        f64(params.scale),
+        f64(params.bias),
         virtual_batch_size=virtual_batch_size,
         mask=mask[..., None],
     )
@@ -854,7 +850,7 @@ def test_low_precision_input_gives_its_dtype_and_matches_reference(name, dtype):
     assert y.dtype == dtype
     if new_state is not None:
         assert new_state.mean.dtype == new_state.var.dtype == jnp.float32
-    expected = _reference(name, x, _f64(params.scale), _f64(params.bias), running_mean, running_var)
+    expected = _reference(name, x, f64(params.scale), f64(params.bias), running_mean, running_var)
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, **TOL[jnp.dtype(dtype).name])
 
 

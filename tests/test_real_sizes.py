@@ -38,6 +38,7 @@ from jax.test_util import check_grads
 
 import bnjax
 from tests import helpers, references
+from tests.helpers import f64
 from tests.tolerances import (
     CHECK_GRADS_TOL,
     FINITE_DIFFERENCE_TOL,
@@ -196,10 +197,6 @@ def _rounded(a, dtype):
     return np.asarray(jnp.asarray(a, dtype), np.float64)
 
 
-def _f64(a):
-    return None if a is None else np.asarray(a, np.float64)
-
-
 def _initial_state(rng, case, x, mask):
     """Running statistics near, not at, those of the batch `x` (None for the stateless)."""
     if case.norm not in STATEFUL:
@@ -230,8 +227,8 @@ class Expected(NamedTuple):
 
 def _reference(case, params, x, mask, cotangent, running):
     """The float64 `Expected`; `running` is (mean, var) before the call, or None."""
-    scale = _f64(params.scale)
-    bias = _f64(params.bias)
+    scale = f64(params.scale)
+    bias = f64(params.bias)
     mask = _full_mask(mask, x.ndim)
     axes = _param_axes(case)
     if case.norm == "batchnorm":
@@ -300,7 +297,7 @@ def _run(case_id, dtype_name, masked, garbage=False):
         cotangent = _rounded(rng.normal(size=case.shape), jnp.bfloat16)
         if i == 0:
             state = initial_state = _initial_state(rng, case, x, mask)
-            running = None if state is None else (_f64(state.mean), _f64(state.var))
+            running = None if state is None else (f64(state.mean), f64(state.var))
         expected = _reference(case, params, x, mask, cotangent, running)
         (_, (y, state)), (dparams, dx) = step(
             params, jnp.asarray(x, dtype), state, mask, jnp.asarray(cotangent, jnp.float32)
@@ -310,7 +307,7 @@ def _run(case_id, dtype_name, masked, garbage=False):
             running = references.running_stats(
                 [expected.mean], [expected.var], MOMENTUM, mean=running[0], var=running[1]
             )
-        steps.append(Step(_f64(y), _f64(dx), jax.tree.map(_f64, dparams), state, expected))
+        steps.append(Step(f64(y), f64(dx), jax.tree.map(f64, dparams), state, expected))
     return Run(initial_state, steps)
 
 
@@ -358,7 +355,7 @@ def test_reference_gradients_match_central_differences(case_id):
             y = _reference(case, params, x, mask, cotangent, running).y
         return np.sum(y * cotangent)
 
-    args = [x, _f64(params.scale), _f64(params.bias)]
+    args = [x, f64(params.scale), f64(params.bias)]
     want = _reference(case, bnjax.NormParams(*args[1:]), x, mask, cotangent, running)
     step = 1e-6
     for i, expected in enumerate((want.dx, want.dscale, want.dbias)):
@@ -400,8 +397,8 @@ def _expected_running_stats(run):
         [step.expected.mean for step in run.steps],
         [step.expected.var for step in run.steps],
         MOMENTUM,
-        mean=_f64(run.initial_state.mean),
-        var=_f64(run.initial_state.var),
+        mean=f64(run.initial_state.mean),
+        var=f64(run.initial_state.var),
     )
 
 
@@ -489,7 +486,7 @@ def test_large_mean_comes_out_with_unit_std(case_id):
     counts = np.ones(x.shape, bool) if mask is None else _full_mask(mask, x.ndim)
     kept = _statistic_blocks(case, np.broadcast_to(counts, x.shape))
     assert kept.sum(axis=1).min() >= 4096
-    for values, keep in zip(_statistic_blocks(case, _f64(y)), kept, strict=True):
+    for values, keep in zip(_statistic_blocks(case, f64(y)), kept, strict=True):
         assert abs(values[keep].std() - 1) <= LARGE_MEAN_TOL
         assert abs(values[keep].mean()) <= LARGE_MEAN_OFFSET_TOL
 
@@ -533,7 +530,7 @@ def test_constant_input_gives_bias(case_id, masked):
         np.asarray(params.bias).reshape([n if a == axis else 1 for a, n in enumerate(x.shape)]),
         x.shape,
     )
-    np.testing.assert_allclose(_f64(y), bias, **REAL_SIZE_TOL["float32"])
+    np.testing.assert_allclose(f64(y), bias, **REAL_SIZE_TOL["float32"])
 
 
 # --- the derivative with respect to one entry -------------------------------------
@@ -571,14 +568,12 @@ def test_derivative_along_one_entry_matches_float64_differences(case_id):
     def reference(x):
         return _reference(case, params, x, None, np.zeros(case.shape), None).y
 
-    x, tangent = _f64(x), _f64(tangent)
+    x, tangent = f64(x), f64(tangent)
     expected = (reference(x + step * tangent) - reference(x - step * tangent)) / (2 * step)
     off_diagonal = tangent == 0
-    _assert_relative_to_largest(
-        _f64(y_dot)[off_diagonal], expected[off_diagonal], ONE_ENTRY_JVP_TOL
-    )
+    _assert_relative_to_largest(f64(y_dot)[off_diagonal], expected[off_diagonal], ONE_ENTRY_JVP_TOL)
     np.testing.assert_allclose(
-        _f64(y_dot)[~off_diagonal], expected[~off_diagonal], rtol=ONE_ENTRY_JVP_TOL
+        f64(y_dot)[~off_diagonal], expected[~off_diagonal], rtol=ONE_ENTRY_JVP_TOL
     )
 
 
@@ -659,7 +654,7 @@ def _sync_run(layout, masked):
             )
             grads = references.batchnorm_grads(x, params.scale, cotangent, axis=axis, mask=full)
             expected = Expected(y_ref, *grads, mean, var)
-            steps.append(Step(_f64(y), _f64(dx), jax.tree.map(_f64, dparams), state, expected))
+            steps.append(Step(f64(y), f64(dx), jax.tree.map(f64, dparams), state, expected))
     return Run(initial_state, steps)
 
 
