@@ -272,6 +272,15 @@ def test_torch_batchnorm_loads_into_the_layer_and_its_state():
     )
 
 
+def test_eval_mode_leaves_the_callers_state_usable():
+    layer, state = eqx.nn.make_with_state(beqx.BatchNorm)(3, axis_name="batch", inference=True)
+    x = jnp.asarray(random_input(np.random.default_rng(11), (3, 4, 4)))
+    first, same = layer(x, state)
+    second, _ = layer(x, state)  # Equinox refuses a state that `set` has replaced
+    np.testing.assert_array_equal(first, second)
+    assert same is state
+
+
 def test_hyperparameters_are_checked_at_construction():
     with pytest.raises(ValueError, match="num_groups"):
         beqx.GroupNorm(6, num_groups=4)

@@ -235,6 +235,23 @@ def test_nnx_vmap_with_axis_name_pools_the_mapped_batch():
     )
 
 
+def test_masked_statistics_under_nnx_vmap_pool_the_unmasked_entries_of_every_shard():
+    # Flax pools masked statistics as a mean of per-device means; bnjax
+    # weights by count, so shards with few valid entries count for little.
+    layer, reference = bnnx.BatchNorm(4, axis_name="batch"), bnnx.BatchNorm(4)
+    rng = np.random.default_rng(7)
+    x = random_input(rng, (3, 5, 4)) + np.arange(3, dtype=np.float32)[:, None, None] * 4
+    mask = np.array(
+        [[True] * 5, [True, False, False, False, False], [True, True, False, True, False]]
+    )
+    mapped = nnx.vmap(lambda m, x, k: m(x, mask=k), in_axes=(None, 0, 0), axis_name="batch")
+    y = mapped(layer, x, mask)
+    expected = reference(x.reshape(15, 4), mask=mask.reshape(15))
+    np.testing.assert_allclose(y.reshape(15, 4), expected, **SYNC_TOL)
+    np.testing.assert_allclose(layer.mean[...], reference.mean[...], **SYNC_TOL)
+    np.testing.assert_allclose(layer.var[...], reference.var[...], **SYNC_TOL)
+
+
 def test_nnx_eval_shape_builds_an_abstract_model():
     # flax#4734: nnx.eval_shape fails on Flax's BatchNorm.
     abstract = nnx.eval_shape(lambda: _Net())

@@ -21,9 +21,8 @@ except ModuleNotFoundError as error:  # the core needs neither framework
 import jax
 
 from bnjax._src.adapters import layers
+from bnjax._src.adapters.layers import Modulation
 from bnjax._src.types import BatchStats, CollectedStats, Normalizer, NormParams
-
-Modulation = tuple[jax.Array | None, jax.Array | None] | None
 
 
 class _Normalization(eqx.Module):
@@ -115,6 +114,8 @@ class _BatchNormalization(_Normalization, eqx.nn.StatefulLayer):
         y, new_stats = self._normalize(
             x, state.get(self.state_index), not inference, mask, modulation
         )
+        if inference:  # `state.set` would retire `state`, which stays valid in eval mode
+            return y, state
         return y, state.set(self.state_index, new_stats)
 
     def _build(

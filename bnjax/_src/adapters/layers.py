@@ -9,8 +9,13 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
+
 from bnjax._src import factories
 from bnjax._src.types import BatchStats, Normalizer, NormParams
+
+# A per-example `(scale, shift)`, as every `apply` takes it.
+Modulation = tuple[jax.Array | None, jax.Array | None] | None
 
 
 class Kind(NamedTuple):

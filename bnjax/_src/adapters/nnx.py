@@ -22,9 +22,8 @@ except ModuleNotFoundError as error:  # the core needs neither framework
 
 from bnjax._src import precise
 from bnjax._src.adapters import layers
+from bnjax._src.adapters.layers import Modulation
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
-
-Modulation = tuple[jax.Array | None, jax.Array | None] | None
 
 
 class _Normalization(nnx.Module):
