@@ -52,18 +52,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from digits import Split, load_data
+from digits import Split
+from norm_swap import MOMENTUM, batch_indices, compare, parser
 from tqdm import tqdm
 
 import bnjax
 
 NORMS = ("equinox", "bnjax")
-MOMENTUM = 0.9
 LEARNING_RATE = 5e-3
 B1 = 0.9
 WEIGHT_DECAY = 1e-4
-BATCH_SIZE = 32
-STEPS = 300
 
 
 def import_batch_norm(name: str, equinox_mode: str = "batch") -> Callable[..., eqx.Module]:
@@ -157,34 +155,23 @@ def accuracy(model: CNN, state: eqx.nn.State, x: jax.Array, y: jax.Array) -> jax
     return jnp.mean(jnp.argmax(logits, axis=-1) == y)
 
 
-def batch_indices(num_examples: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
-    """`(steps, batch_size)` example indices: shuffled epochs, the same for every norm."""
-    rng = np.random.default_rng(seed)
-    per_epoch = num_examples // batch_size
-    epochs = -(-steps // per_epoch)
-    order = np.concatenate(
-        [rng.permutation(num_examples)[: per_epoch * batch_size] for _ in range(epochs)]
-    )
-    return order.reshape(-1, batch_size)[:steps]
-
-
 def channels_first(images: np.ndarray) -> jax.Array:
     """`(N, 8, 8, 1)` -> `(N, 1, 8, 8)`, the `(C, H, W)` examples Equinox's convs take."""
     return jnp.asarray(images.transpose(0, 3, 1, 2))
 
 
 def train_and_score(
-    name: str, train: Split, test: Split, steps: int, seed: int, equinox_mode: str = "batch"
+    name: str, train: Split, test: Split, args: argparse.Namespace
 ) -> dict[str, float]:
     """Trains the CNN with `name`'s BatchNorm; returns its test accuracies and loss."""
-    BatchNorm = import_batch_norm(name, equinox_mode)
-    model, state = eqx.nn.make_with_state(CNN)(BatchNorm, jax.random.key(seed))
+    BatchNorm = import_batch_norm(name, args.equinox_mode)
+    model, state = eqx.nn.make_with_state(CNN)(BatchNorm, jax.random.key(args.seed))
     optim = make_optimizer(name)
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
     images, labels = channels_first(train.images), jnp.asarray(train.labels)
     losses = []
     start = time.perf_counter()
-    with tqdm(batch_indices(len(labels), steps, BATCH_SIZE, seed), desc=f"{name:>7}") as bar:
+    with tqdm(batch_indices(len(labels), args.steps, args.seed), desc=f"{name:>7}") as bar:
         for i, idx in enumerate(bar):
             model, state, opt_state, loss = train_step(
                 model, state, opt_state, images[idx], labels[idx], optim
@@ -192,7 +179,7 @@ def train_and_score(
             if i == 0:
                 first_step = time.perf_counter() - start  # mostly compilation
             losses.append(loss)
-            if (i + 1) % 50 == 0 or i + 1 == steps:
+            if (i + 1) % 50 == 0 or i + 1 == args.steps:
                 bar.set_postfix(loss=f"{float(jnp.mean(jnp.stack(losses))):.3f}")
                 losses = []
 
@@ -207,63 +194,23 @@ def train_and_score(
     )
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """The markdown table: norm | train-mode acc | eval-mode acc | seconds."""
-    lines = [
-        "| norm | train-mode acc | eval-mode acc | seconds |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {100 * r['train_mode_accuracy']:.1f}% "
-            f"| {100 * r['eval_mode_accuracy']:.1f}% | {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line: `--norm`, `--steps`, `--seed`, `--equinox-mode`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--norm", nargs="+", choices=NORMS, default=list(NORMS), help="default: both, in turn"
-    )
-    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per norm")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
+    """The shared command line plus `--equinox-mode`."""
+    command_line = parser(__doc__.splitlines()[0], NORMS)
+    command_line.add_argument(
         "--equinox-mode",
         choices=("batch", "ema"),
         default="batch",
         help="the `mode` of Equinox's BatchNorm (default batch, the usual BatchNorm)",
     )
-    return parser.parse_args(argv)
+    return command_line.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains with each chosen norm from the same seed and prints the table."""
     args = parse_args(argv)
-    train, test = load_data()
-    results = {}
-    for name in dict.fromkeys(args.norm):
-        start = time.perf_counter()
-        results[name] = train_and_score(name, train, test, args.steps, args.seed, args.equinox_mode)
-        results[name]["seconds"] = time.perf_counter() - start
-    print(
-        f"Test accuracy on the {len(test.labels)} held-out digits "
-        f"(seed {args.seed}, {args.steps} steps of {BATCH_SIZE}, momentum {MOMENTUM}, "
-        f'Equinox mode="{args.equinox_mode}"):'
-    )
-    print(format_table(results))
-    print(
-        "seconds: each norm's whole run, compilation included; the first run also pays "
-        "JAX's one-time start-up (a few seconds), so the order counts."
-    )
-    return dict(
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=BATCH_SIZE,
-        equinox_mode=args.equinox_mode,
-        results=results,
-    )
+    result = compare(args, train_and_score, f', Equinox mode="{args.equinox_mode}"')
+    return {**result, "equinox_mode": args.equinox_mode}
 
 
 if __name__ == "__main__":

@@ -39,19 +39,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from digits import Split, load_data
+from digits import Split
 from flax import nnx
+from norm_swap import MOMENTUM, batch_indices, compare, parser
 from tqdm import tqdm
 
 NORMS = ("flax", "bnjax")
-MOMENTUM = 0.9
 LEARNING_RATE = 5e-3
 B1 = 0.9  # the tutorial's `momentum` of adamw
 WEIGHT_DECAY = 1e-4
-BATCH_SIZE = 32
-STEPS = 300
 
 
 def import_norms(name: str) -> Any:
@@ -127,34 +124,23 @@ def accuracy(model: CNN, batch: dict[str, jax.Array]) -> jax.Array:
     return jnp.mean(jnp.argmax(model(batch["image"]), axis=-1) == batch["label"])
 
 
-def batch_indices(num_examples: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
-    """`(steps, batch_size)` example indices: shuffled epochs, the same for every norm."""
-    rng = np.random.default_rng(seed)
-    per_epoch = num_examples // batch_size
-    epochs = -(-steps // per_epoch)
-    order = np.concatenate(
-        [rng.permutation(num_examples)[: per_epoch * batch_size] for _ in range(epochs)]
-    )
-    return order.reshape(-1, batch_size)[:steps]
-
-
 def train_and_score(
-    name: str, train: Split, test: Split, steps: int, seed: int
+    name: str, train: Split, test: Split, args: argparse.Namespace
 ) -> dict[str, float]:
     """Trains the CNN with `name`'s BatchNorm; returns its test accuracies and loss."""
     norms = import_norms(name)
-    model = CNN(norms, rngs=nnx.Rngs(seed))
+    model = CNN(norms, rngs=nnx.Rngs(args.seed))
     optimizer = make_optimizer(model, norms)
     metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
     images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
     model.train()
     start = time.perf_counter()
-    with tqdm(batch_indices(len(labels), steps, BATCH_SIZE, seed), desc=f"{name:>5}") as bar:
+    with tqdm(batch_indices(len(labels), args.steps, args.seed), desc=f"{name:>5}") as bar:
         for i, idx in enumerate(bar):
             train_step(model, optimizer, metrics, {"image": images[idx], "label": labels[idx]})
             if i == 0:
                 first_step = time.perf_counter() - start  # mostly compilation
-            if (i + 1) % 50 == 0 or i + 1 == steps:
+            if (i + 1) % 50 == 0 or i + 1 == args.steps:
                 logged = metrics.compute()
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.3f}")
                 metrics.reset()
@@ -175,50 +161,14 @@ def train_and_score(
     )
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """The markdown table: norm | train-mode acc | eval-mode acc | seconds."""
-    lines = [
-        "| norm | train-mode acc | eval-mode acc | seconds |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {100 * r['train_mode_accuracy']:.1f}% "
-            f"| {100 * r['eval_mode_accuracy']:.1f}% | {r['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line: `--norm`, `--steps`, `--seed`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--norm", nargs="+", choices=NORMS, default=list(NORMS), help="default: both, in turn"
-    )
-    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per norm")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    """The shared command line: `--norm`, `--steps`, `--seed`."""
+    return parser(__doc__.splitlines()[0], NORMS).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains with each chosen norm from the same seed and prints the table."""
-    args = parse_args(argv)
-    train, test = load_data()
-    results = {}
-    for name in dict.fromkeys(args.norm):
-        start = time.perf_counter()
-        results[name] = train_and_score(name, train, test, args.steps, args.seed)
-        results[name]["seconds"] = time.perf_counter() - start
-    print(
-        f"Test accuracy on the {len(test.labels)} held-out digits "
-        f"(seed {args.seed}, {args.steps} steps of {BATCH_SIZE}, momentum {MOMENTUM}):"
-    )
-    print(format_table(results))
-    print(
-        "seconds: each norm's whole run, compilation included; the first run also pays "
-        "JAX's one-time start-up (a few seconds), so the order counts."
-    )
-    return dict(seed=args.seed, steps=args.steps, batch_size=BATCH_SIZE, results=results)
+    return compare(parse_args(argv), train_and_score)
 
 
 if __name__ == "__main__":

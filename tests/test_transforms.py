@@ -28,6 +28,8 @@ from bnjax._src import (
     weight_standardization,
     weightnorm,
 )
+from bnjax._src.adapters import equinox as adapter_equinox
+from bnjax._src.adapters import nnx as adapter_nnx
 from bnjax._src.convert import flax_linen, haiku, keras, pytorch, pytorch_parametrizations
 from tests.helpers import perturbed_params
 
@@ -85,6 +87,8 @@ def test_jvp_equals_linearized_vjp(name):
 @pytest.mark.parametrize(
     "module",
     [
+        adapter_equinox,
+        adapter_nnx,
         batchnorm,
         batchrenorm,
         checkpoint,

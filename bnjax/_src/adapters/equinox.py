@@ -10,7 +10,7 @@ output, the default of the layers with a feature axis.
 """
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 try:
     import equinox as eqx
@@ -118,34 +118,7 @@ class _BatchNormalization(_Normalization, eqx.nn.StatefulLayer):
             return y, state
         return y, state.set(self.state_index, new_stats)
 
-    def _build(
-        self,
-        kind: layers.Kind,
-        num_features: int,
-        axis_name: Hashable | tuple[Hashable, ...],
-        axis: int,
-        inference: bool,
-        hyper: dict[str, Any],
-    ) -> None:
-        hyper = {**hyper, "axis": _batched_axis(axis), "axis_name": axis_name}
-        layer = layers.build(kind, num_features, hyper)
-        self.params, self.normalizer = layer.params, layer.normalizer
-        self.state_index = eqx.nn.StateIndex(layer.stats)
-        self.inference = inference
-
-
-class BatchNorm(_BatchNormalization):
-    """BatchNorm for Equinox models; the numbers of `bnjax.batchnorm_apply` on the whole batch.
-
-    Example:
-      >>> import equinox as eqx
-      >>> from bnjax import equinox as beqx
-      >>> bn, state = eqx.nn.make_with_state(beqx.BatchNorm)(3, axis_name="batch")
-      >>> x = jnp.arange(12.0).reshape(4, 3)
-      >>> y, state = jax.vmap(bn, (0, None), (0, None), axis_name="batch")(x, state)
-      >>> state.get(bn.state_index).count
-      Array(1, dtype=int32)
-    """
+    _kind: ClassVar[layers.Kind]
 
     def __init__(
         self,
@@ -166,27 +139,45 @@ class BatchNorm(_BatchNormalization):
           axis: the feature axis of one example. Default 0, the channels of
             an Equinox conv's `(C, *spatial)` output.
           inference: start in eval mode. Default False.
-          **hyper: the other keywords of `bnjax.batchnorm`: `momentum`
-            (`running = momentum * running + (1 - momentum) * batch`, default
-            0.9), `epsilon`, `virtual_batch_size`, `momentum_warmup`, ...
+          **hyper: the other keywords of the matching factory
+            (`bnjax.batchnorm`, `bnjax.batchrenorm`): `momentum` (`running =
+            momentum * running + (1 - momentum) * batch`, default 0.9),
+            `epsilon`, `virtual_batch_size`, `momentum_warmup`, ...
         """
-        self._build(layers.BATCHNORM, num_features, axis_name, axis, inference, hyper)
+        hyper = {**hyper, "axis": _batched_axis(axis), "axis_name": axis_name}
+        layer = layers.build(self._kind, num_features, hyper)
+        self.params, self.normalizer = layer.params, layer.normalizer
+        self.state_index = eqx.nn.StateIndex(layer.stats)
+        self.inference = inference
+
+
+class BatchNorm(_BatchNormalization):
+    """BatchNorm for Equinox models; the numbers of `bnjax.batchnorm_apply` on the whole batch.
+
+    `BatchNorm(num_features, *, axis_name, axis=0, inference=False, **hyper)`,
+    `hyper` the other keywords of `bnjax.batchnorm`.
+
+    Example:
+      >>> import equinox as eqx
+      >>> from bnjax import equinox as beqx
+      >>> bn, state = eqx.nn.make_with_state(beqx.BatchNorm)(3, axis_name="batch")
+      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> y, state = jax.vmap(bn, (0, None), (0, None), axis_name="batch")(x, state)
+      >>> state.get(bn.state_index).count
+      Array(1, dtype=int32)
+    """
+
+    _kind: ClassVar[layers.Kind] = layers.BATCHNORM
 
 
 class BatchRenorm(_BatchNormalization):
-    """Batch Renormalization for Equinox models; the numbers of `bnjax.batchrenorm_apply`."""
+    """Batch Renormalization for Equinox models; the numbers of `bnjax.batchrenorm_apply`.
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        axis_name: Hashable | tuple[Hashable, ...],
-        axis: int = 0,
-        inference: bool = False,
-        **hyper: Any,
-    ) -> None:
-        """As `BatchNorm`; `**hyper` are `bnjax.batchrenorm`'s keywords (`r_max`, `d_max`...)."""
-        self._build(layers.BATCHRENORM, num_features, axis_name, axis, inference, hyper)
+    `BatchRenorm(num_features, *, axis_name, axis=0, inference=False,
+    **hyper)`, `hyper` the other keywords of `bnjax.batchrenorm` (`r_max`, `d_max`, ...).
+    """
+
+    _kind: ClassVar[layers.Kind] = layers.BATCHRENORM
 
 
 class LayerNorm(_StatelessNormalization):

@@ -9,7 +9,7 @@ bit.
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
@@ -73,6 +73,33 @@ class _StatelessNormalization(_Normalization):
 
 
 class _BatchNormalization(_Normalization):
+    _kind: ClassVar[layers.Kind]
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool = False,
+        rngs: nnx.Rngs | None = None,
+        **hyper: Any,
+    ) -> None:
+        """Creates the variables: `scale`, `bias` (`nnx.Param`), `mean`, `var`, `count`.
+
+        Args:
+          num_features: the size `C` of the feature axis.
+          use_running_average: start in eval mode. Default False (training).
+          rngs: unused (the initial values are fixed); accepted as NNX layers take it.
+          **hyper: the keywords of the matching factory (`bnjax.batchnorm`,
+            `bnjax.batchrenorm`): `axis` (default -1), `momentum`
+            (`running = momentum * running + (1 - momentum) * batch`,
+            default 0.9), `epsilon`, `axis_name`, `virtual_batch_size`,
+            `momentum_warmup`, `skip_nonfinite`, `unbiased_running_var`,
+            `use_scale`, `use_bias`, `zero_centered_scale`, `param_dtype`,
+            `dtype`, and Batch Renorm's `r_max`, `d_max`.
+        """
+        self._build(self._kind, num_features, hyper)
+        self.use_running_average = use_running_average
+
     def _build(
         self, kind: layers.Kind, size: int | Sequence[int], hyper: dict[str, Any]
     ) -> layers.Layer:
@@ -141,6 +168,9 @@ class _BatchNormalization(_Normalization):
 class BatchNorm(_BatchNormalization):
     """BatchNorm as an NNX module; the numbers of `bnjax.batchnorm_apply`.
 
+    `BatchNorm(num_features, *, use_running_average=False, rngs=None,
+    **hyper)`, `hyper` the keywords of `bnjax.batchnorm`.
+
     Example:
       >>> from bnjax import nnx as bnnx
       >>> bn = bnnx.BatchNorm(4, momentum=0.99)
@@ -149,45 +179,17 @@ class BatchNorm(_BatchNormalization):
       Array(1, dtype=int32)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        use_running_average: bool = False,
-        rngs: nnx.Rngs | None = None,
-        **hyper: Any,
-    ) -> None:
-        """Creates the variables: `scale`, `bias` (`nnx.Param`), `mean`, `var`, `count`.
-
-        Args:
-          num_features: the size `C` of the feature axis.
-          use_running_average: start in eval mode. Default False (training).
-          rngs: unused (the initial values are fixed); accepted as NNX layers take it.
-          **hyper: the keywords of `bnjax.batchnorm`: `axis` (default -1),
-            `momentum` (`running = momentum * running + (1 - momentum) *
-            batch`, default 0.9), `epsilon`, `axis_name`,
-            `virtual_batch_size`, `momentum_warmup`, `skip_nonfinite`,
-            `unbiased_running_var`, `use_scale`, `use_bias`,
-            `zero_centered_scale`, `param_dtype`, `dtype`.
-        """
-        self._build(layers.BATCHNORM, num_features, hyper)
-        self.use_running_average = use_running_average
+    _kind = layers.BATCHNORM
 
 
 class BatchRenorm(_BatchNormalization):
-    """Batch Renormalization as an NNX module; the numbers of `bnjax.batchrenorm_apply`."""
+    """Batch Renormalization as an NNX module; the numbers of `bnjax.batchrenorm_apply`.
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        use_running_average: bool = False,
-        rngs: nnx.Rngs | None = None,
-        **hyper: Any,
-    ) -> None:
-        """As `BatchNorm`; `**hyper` are `bnjax.batchrenorm`'s keywords (`r_max`, `d_max`...)."""
-        self._build(layers.BATCHRENORM, num_features, hyper)
-        self.use_running_average = use_running_average
+    `BatchRenorm(num_features, *, use_running_average=False, rngs=None,
+    **hyper)`, `hyper` the keywords of `bnjax.batchrenorm` (`r_max`, `d_max`, ...).
+    """
+
+    _kind = layers.BATCHRENORM
 
 
 class LayerNorm(_StatelessNormalization):
