@@ -22,14 +22,14 @@ import jax
 
 from bnjax._src.adapters import layers
 from bnjax._src.adapters.layers import Modulation
-from bnjax._src.types import BatchStats, CollectedStats, Normalizer, NormParams
+from bnjax._src.types import BatchStats, CollectedStats, NormParams
 
 
 class _Normalization(eqx.Module):
     """The parameters as `NormParams` and the bound `Normalizer`."""
 
     params: NormParams
-    normalizer: Normalizer = eqx.field(static=True)
+    normalizer: layers.BoundNormalizer = eqx.field(static=True)
 
     def _normalize(
         self,

@@ -35,10 +35,27 @@ GROUPNORM = Kind(factories.groupnorm)
 INSTANCENORM = Kind(factories.instancenorm)
 
 
+class BoundNormalizer:
+    """A factory's `Normalizer` that prints as the call that made it.
+
+    The modules keep one as a static attribute, so `print(model)` shows
+    e.g. `bnjax.batchnorm(momentum=0.8)`. Hashed by identity, as the
+    closures inside it are.
+    """
+
+    __slots__ = ("init", "apply", "_call")
+
+    def __init__(self, normalizer: Normalizer, call: str) -> None:
+        self.init, self.apply, self._call = normalizer.init, normalizer.apply, call
+
+    def __repr__(self) -> str:
+        return self._call
+
+
 class Layer(NamedTuple):
     """A built layer: its bound normalizer, initial parameters and running statistics."""
 
-    normalizer: Normalizer
+    normalizer: BoundNormalizer
     params: NormParams
     stats: BatchStats | None
 
@@ -63,7 +80,9 @@ def build(kind: Kind, size: int | Sequence[int], hyper: dict[str, Any]) -> Layer
     normalizer = kind.factory(**hyper)
     axis = hyper.get("axis", inspect.signature(kind.factory).parameters["axis"].default)
     params, stats = normalizer.init(smallest_input_shape(size, axis))
-    return Layer(normalizer, params, stats)
+    keywords = ", ".join(f"{k}={v!r}" for k, v in hyper.items())
+    call = f"bnjax.{kind.factory.__name__}({keywords})"
+    return Layer(BoundNormalizer(normalizer, call), params, stats)
 
 
 def trailing_axes(feature_shape: int | Sequence[int]) -> int | tuple[int, ...]:
