@@ -294,3 +294,10 @@ def test_batch_layer_outside_its_mapped_axis_is_an_error():
     layer, state = eqx.nn.make_with_state(beqx.BatchNorm)(4, axis_name="batch")
     with pytest.raises(ValueError, match="batch"):
         jax.vmap(layer, in_axes=(0, None), out_axes=(0, None))(jnp.ones((3, 4)), state)
+
+
+def test_bad_axis_and_modulation_get_the_functions_errors():
+    with pytest.raises(TypeError, match="`axis` must be an int or a tuple of ints, got None"):
+        beqx.LayerNorm(4, axis=None)
+    with pytest.raises(TypeError, match="modulation"):
+        beqx.LayerNorm(4)(jnp.ones(4), modulation=jnp.ones(4))

@@ -386,3 +386,12 @@ def test_hyperparameters_are_checked_by_the_factory_at_construction():
         bnnx.GroupNorm(6, num_groups=4)
     with pytest.raises(TypeError, match="unexpected keyword"):
         bnnx.LayerNorm(4, momentum=0.9)
+
+
+def test_axes_that_do_not_fit_the_feature_shape_are_an_error_at_construction():
+    with pytest.raises(
+        ValueError, match=r"one axis per entry of the feature shape \(3, 4\), got -1"
+    ):
+        bnnx.LayerNorm((3, 4), axis=-1)
+    with pytest.raises(TypeError, match="`axis` must be an int or a tuple of ints, got 'last'"):
+        bnnx.RMSNorm(4, axis="last")
