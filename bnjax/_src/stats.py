@@ -78,8 +78,9 @@ def moments(
       two-pass form. A row is one kept position's data, so compilers keep
       it on chip between the passes (XLA fuses them into one loop on CPU
       and one kernel on GPU), and the extra passes cost no memory traffic.
-    * Columns (every other layout: BatchNorm, GroupNorm on NHWC): each
-      statistic spans the whole input, so a pass is a trip through memory.
+    * Columns (every other layout: BatchNorm on NHWC and NCHW, GroupNorm
+      on NHWC): each statistic spans a large strided block, so a pass is
+      a trip through memory.
       `s` is the first entry (the masked mean with a mask, one more read),
       and the two shifted sums are taken in one pass (`_shifted_sums`).
 
@@ -95,12 +96,14 @@ def moments(
       `Moments` with `mean` and `var` of shape `x.shape` with `axes` set to 1.
     """
     leading, trailing = _split_at_last_kept(x.ndim, axes)
-    if leading and trailing:
-        # Reduced axes on both sides of a kept one do not form one contiguous
+    if leading and trailing and 0 not in axes:
+        # Per-example statistics over reduced axes on both sides of a kept
+        # one (GroupNorm on channels-last input) do not form one contiguous
         # reduction. Reduce the larger block first, then pool the small
-        # per-position moments exactly: GroupNorm on channels-last input
-        # reduces (H, W) per channel, then pools the channels of a group;
-        # BatchNorm on NCHW reduces each (H, W) row, then pools over N.
+        # per-position moments exactly: (H, W) per channel, then the
+        # channels of a group. Statistics across the batch (BatchNorm on
+        # NCHW) span the whole input, so they take the column form: one
+        # pass, where reducing each (H, W) row first takes three.
         def size(block: tuple[int, ...]) -> int:
             return math.prod(x.shape[a] for a in block)
 
