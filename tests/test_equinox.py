@@ -203,6 +203,20 @@ def test_filter_jit_and_filter_grad_equal_the_functional_model():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **SYNC_TOL), got, stats)
 
 
+def test_equally_configured_models_share_one_compilation():
+    traces = []
+
+    @eqx.filter_jit
+    def forward(model, state, x):
+        traces.append(None)
+        return jax.vmap(model, (0, None), (0, None), axis_name="batch")(x, state)
+
+    for _ in range(2):
+        model, state, x = _net_and_batch()
+        forward(model, state, x)
+    assert len(traces) == 1
+
+
 def test_sequential_calls_the_batch_layer_with_state():
     conv = eqx.nn.Conv2d(2, 4, 3, key=jax.random.key(1))
     seq, state = eqx.nn.make_with_state(eqx.nn.Sequential)(

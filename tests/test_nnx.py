@@ -203,6 +203,20 @@ def test_nnx_jit_equals_eager_and_updates_the_statistics():
     assert int(compiled.bn.count[...]) == 2
 
 
+def test_equally_configured_models_share_one_compilation():
+    traces = []
+
+    @nnx.jit
+    def forward(model, x):
+        traces.append(None)
+        return model(x)
+
+    for model in (_Net(), _Net()):
+        forward(model, _batch())
+    assert len(traces) == 1
+    assert _Net().bn.normalizer != bnnx.BatchNorm(4, momentum=0.5).normalizer
+
+
 def test_nnx_grad_equals_jax_grad_of_the_functional_model():
     model, x = _Net(), _batch()
     grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model)

@@ -6,7 +6,7 @@ adapter computes anything itself: the normalizer's `apply` does all the work.
 """
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,14 +39,27 @@ class BoundNormalizer:
     """A factory's `Normalizer` that prints as the call that made it.
 
     The modules keep one as a static attribute, so `print(model)` shows
-    e.g. `bnjax.batchnorm(momentum=0.8)`. Hashed by identity, as the
-    closures inside it are.
+    e.g. `bnjax.batchnorm(momentum=0.8)`. Two made by the same call compare
+    equal, so `nnx.jit` and `eqx.filter_jit` compile a model once for all
+    its equally configured copies, as they do for the frameworks' own
+    layers (a call with an unhashable keyword falls back to identity).
     """
 
-    __slots__ = ("init", "apply", "_call")
+    __slots__ = ("init", "apply", "_call", "_key")
 
-    def __init__(self, normalizer: Normalizer, call: str) -> None:
+    def __init__(self, normalizer: Normalizer, call: str, key: Hashable) -> None:
         self.init, self.apply, self._call = normalizer.init, normalizer.apply, call
+        try:
+            hash(key)
+        except TypeError:
+            key = object()
+        self._key = key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BoundNormalizer) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
 
     def __repr__(self) -> str:
         return self._call
@@ -82,7 +95,8 @@ def build(kind: Kind, size: int | Sequence[int], hyper: dict[str, Any]) -> Layer
     params, stats = normalizer.init(smallest_input_shape(size, axis))
     keywords = ", ".join(f"{k}={v!r}" for k, v in hyper.items())
     call = f"bnjax.{kind.factory.__name__}({keywords})"
-    return Layer(BoundNormalizer(normalizer, call), params, stats)
+    key = (kind.factory, tuple(sorted(hyper.items())))
+    return Layer(BoundNormalizer(normalizer, call, key), params, stats)
 
 
 def trailing_axes(feature_shape: int | Sequence[int]) -> int | tuple[int, ...]:
