@@ -12,15 +12,14 @@ output, the default of the layers with a feature axis.
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
+from bnjax._src.adapters import layers
+
 try:
     import equinox as eqx
 except ModuleNotFoundError as error:  # the core needs neither framework
-    raise ModuleNotFoundError(
-        "`bnjax.equinox` needs Equinox: `pip install 'bnjax[equinox]'`.", name=error.name
-    ) from error
+    raise layers.missing_framework(error, "equinox", "equinox") from error
 import jax
 
-from bnjax._src.adapters import layers
 from bnjax._src.adapters.layers import Modulation
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
 

@@ -126,3 +126,10 @@ def smallest_input_shape(size: int | Sequence[int], axis: Any) -> tuple[int, ...
     for a, s in zip(sorted(a % rank for a in axes), sizes, strict=True):
         shape[a] = s
     return tuple(shape)
+
+
+def missing_framework(error: ModuleNotFoundError, adapter: str, extra: str) -> ModuleNotFoundError:
+    """The error of importing `bnjax.<adapter>` without its framework: which extra to install."""
+    framework = {"flax": "Flax", "equinox": "Equinox"}[extra]
+    message = f"`bnjax.{adapter}` needs {framework}: `pip install 'bnjax[{extra}]'`."
+    return ModuleNotFoundError(message, name=error.name)

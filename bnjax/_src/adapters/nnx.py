@@ -13,15 +13,14 @@ from typing import Any, ClassVar
 
 import jax
 
+from bnjax._src.adapters import layers
+
 try:
     from flax import nnx
 except ModuleNotFoundError as error:  # the core needs neither framework
-    raise ModuleNotFoundError(
-        "`bnjax.nnx` needs Flax: `pip install 'bnjax[flax]'`.", name=error.name
-    ) from error
+    raise layers.missing_framework(error, "nnx", "flax") from error
 
 from bnjax._src import precise
-from bnjax._src.adapters import layers
 from bnjax._src.adapters.layers import Modulation
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
 
