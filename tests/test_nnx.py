@@ -217,6 +217,12 @@ def test_equally_configured_models_share_one_compilation():
     assert _Net().bn.normalizer != bnnx.BatchNorm(4, momentum=0.5).normalizer
 
 
+def test_a_layer_with_an_unhashable_keyword_is_equal_only_to_itself():
+    first, second = bnnx.LayerNorm((3, 4), axis=[-2, -1]), bnnx.LayerNorm((3, 4), axis=[-2, -1])
+    assert first.normalizer == first.normalizer and first.normalizer != second.normalizer
+    np.testing.assert_array_equal(first(jnp.ones((2, 3, 4))), second(jnp.ones((2, 3, 4))))
+
+
 def test_nnx_grad_equals_jax_grad_of_the_functional_model():
     model, x = _Net(), _batch()
     grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model)
