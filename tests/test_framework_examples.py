@@ -2,7 +2,6 @@
 
 import importlib
 import math
-import os
 import re
 
 import equinox as eqx
@@ -17,15 +16,6 @@ from tests.test_examples import EXAMPLES, run_demo
 # One table row: | norm | train-mode acc | eval-mode acc | seconds |
 ROW = re.compile(r"^\| (\w+) \| (\d+\.\d)% \| (\d+\.\d)% \| (\d+\.\d) \|$", re.MULTILINE)
 HEADER = "| norm | train-mode acc | eval-mode acc | seconds |\n| --- | ---: | ---: | ---: |\n"
-# A few steps take well under a second; compiling takes the rest. XLA's cheapest
-# CPU code generation compiles in about half the time, and no number here depends on it.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-@pytest.fixture(autouse=True)
-def fast_compile(monkeypatch):
-    """Makes the examples, which `run_demo` starts with this environment, compile fast."""
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
 
 
 @pytest.mark.parametrize(
