@@ -96,14 +96,7 @@ class _BatchNormalization(_Normalization):
             `use_scale`, `use_bias`, `zero_centered_scale`, `param_dtype`,
             `dtype`, and Batch Renorm's `r_max`, `d_max`.
         """
-        self._build(self._kind, num_features, hyper)
-        self.use_running_average = use_running_average
-
-    def _build(
-        self, kind: layers.Kind, size: int | Sequence[int], hyper: dict[str, Any]
-    ) -> layers.Layer:
-        layer = super()._build(kind, size, hyper)
-        stats = layer.stats
+        stats = self._build(self._kind, num_features, hyper).stats
         assert stats is not None
         self.mean = nnx.BatchStat(stats.mean)
         self.var = nnx.BatchStat(stats.var)
@@ -111,7 +104,7 @@ class _BatchNormalization(_Normalization):
         # Set only on the copy `precise_batch_stats` traces: a layer holding
         # a `CollectedStats` here pools its training-mode batches into it.
         self.collected: nnx.Variable[CollectedStats] | None = nnx.data(None)
-        return layer
+        self.use_running_average = use_running_average
 
     @property
     def stats(self) -> BatchStats:
