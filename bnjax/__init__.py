@@ -6,8 +6,6 @@ from bnjax import convert as convert
 from bnjax._src.batchnorm import batchnorm_apply as batchnorm_apply
 from bnjax._src.batchnorm import batchnorm_init as batchnorm_init
 from bnjax._src.batchrenorm import batchrenorm_apply as batchrenorm_apply
-from bnjax._src.checkpoint import load_checkpoint as load_checkpoint
-from bnjax._src.checkpoint import save_checkpoint as save_checkpoint
 from bnjax._src.factories import batchnorm as batchnorm
 from bnjax._src.factories import batchrenorm as batchrenorm
 from bnjax._src.factories import groupnorm as groupnorm
@@ -67,12 +65,10 @@ __all__ = [
     "layernorm",
     "layernorm_apply",
     "layernorm_init",
-    "load_checkpoint",
     "precise_batch_stats",
     "rmsnorm",
     "rmsnorm_apply",
     "rmsnorm_init",
-    "save_checkpoint",
     "spectralnorm",
     "spectralnorm_apply",
     "spectralnorm_init",

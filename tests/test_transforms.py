@@ -15,7 +15,6 @@ import bnjax
 from bnjax._src import (
     batchnorm,
     batchrenorm,
-    checkpoint,
     factories,
     folding,
     groupnorm,
@@ -91,7 +90,6 @@ def test_jvp_equals_linearized_vjp(name):
         adapter_nnx,
         batchnorm,
         batchrenorm,
-        checkpoint,
         factories,
         flax_linen,
         folding,
