@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 SOURCES := pyproject.toml $(shell find bnjax -name '*.py' -o -name py.typed)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench dist clean
 
 demo: $(VENV)/.deps-examples $(VENV)/.bnjax
 	$(BIN)/python examples/study.py $(ARGS)
@@ -28,6 +28,10 @@ test: $(VENV)/.deps-test $(VENV)/.bnjax lint
 bench: $(VENV)/.deps-benchmarks $(VENV)/.bnjax
 	$(BIN)/python benchmarks/bench_norms.py $(ARGS)
 
+# The wheel and the sdist of a release, into dist/ (CHANGELOG.md says what is in it).
+dist: $(VENV)/.deps-test
+	$(BIN)/python -m build --outdir dist
+
 lint: $(VENV)/.deps-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -47,4 +51,4 @@ $(VENV)/.bnjax: $(SOURCES) | $(BIN)/python
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
