@@ -35,5 +35,7 @@ def test_every_public_name_has_an_api_entry(module_name):
 
 def test_every_api_entry_is_a_public_name_documented_once():
     public = set(MODULES).union(*(_public_names(m) for m in MODULES))
-    assert sorted(set(DIRECTIVES) - public) == []
-    assert sorted({d for d in DIRECTIVES if DIRECTIVES.count(d) > 1}) == []
+    unknown = sorted(set(DIRECTIVES) - public)
+    assert not unknown, f"docs/api entries that are not public names: {unknown}"
+    repeated = sorted({d for d in DIRECTIVES if DIRECTIVES.count(d) > 1})
+    assert not repeated, f"docs/api entries that appear twice: {repeated}"
