@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each creates
-# the virtual environment .venv and installs what it needs on first use.
+# the virtual environment .venv and installs what it needs on first use, as
+# do `make docs` and `make docs-check` for the documentation site.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 SOURCES := pyproject.toml $(shell find bnjax -name '*.py' -o -name py.typed)
 
-.PHONY: demo test lint bench dist clean
+.PHONY: demo test lint bench docs docs-check dist clean
 
 demo: $(VENV)/.deps-examples $(VENV)/.bnjax
 	$(BIN)/python examples/study.py $(ARGS)
@@ -27,6 +28,20 @@ test: $(VENV)/.deps-test $(VENV)/.bnjax lint
 # Side-by-side timings (benchmarks/README.md); e.g. `make bench ARGS=--quick`.
 bench: $(VENV)/.deps-benchmarks $(VENV)/.bnjax
 	$(BIN)/python benchmarks/bench_norms.py $(ARGS)
+
+# The documentation site in site/, from docs/ and the docstrings (mkdocs.yml).
+# --strict makes every warning an error: a broken link or anchor, a page
+# missing from the nav, a `:::` target that does not resolve, a missing
+# snippet. NO_MKDOCS_2_WARNING silences the theme's banner about MkDocs 2.
+docs: $(VENV)/.deps-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Loads pages of the built site in headless Chromium, as a reader would, and
+# fails on console errors, failed requests, broken images and unrendered math
+# (tools/check_docs_site.py); screenshots go to results/docs/. Needs Debian's
+# chromium (`apt-get install chromium`), which .ci/run installs.
+docs-check: docs $(VENV)/.deps-docs-check
+	$(BIN)/python tools/check_docs_site.py
 
 # The wheel and the sdist of a release, into dist/ (CHANGELOG.md says what is in it).
 dist: $(VENV)/.deps-test
@@ -51,4 +66,4 @@ $(VENV)/.bnjax: $(SOURCES) | $(BIN)/python
 	touch $@
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
