@@ -12,6 +12,7 @@ traced jaxpr.
 The mesh tests run on the 8 CPU devices that `conftest.py` asks XLA for.
 """
 
+import contextlib
 import math
 
 import jax
@@ -769,15 +770,19 @@ def test_collective_payload_does_not_grow_with_the_number_of_devices(masked):
 # --- global-view data parallelism (no shard_map, no axis_name) -----------------
 
 
+@pytest.mark.parametrize("under_set_mesh", [True, False], ids=["set_mesh", "no_mesh_context"])
 @pytest.mark.parametrize(
     "axis_type",
     [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto],
     ids=["explicit", "auto"],
 )
-def test_jit_on_a_batch_sharded_over_the_mesh_gives_whole_batch_statistics(axis_type):
+def test_jit_on_a_batch_sharded_over_the_mesh_gives_whole_batch_statistics(
+    axis_type, under_set_mesh
+):
     """Under jit, a batch laid out over the devices is still one batch: the
     compiler partitions the reductions, no axis_name is involved. Explicit
-    axes are what `jax.make_mesh` gives by default."""
+    axes are what `jax.make_mesh` gives by default; the mesh travels with
+    the sharded batch, so no `jax.set_mesh` is needed."""
     mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
     x = _input((16, C), -1)
     params, state = _params(), _state()
@@ -785,7 +790,7 @@ def test_jit_on_a_batch_sharded_over_the_mesh_gives_whole_batch_statistics(axis_
     def apply(params, state, x):
         return bnjax.batchnorm_apply(params, state, x, True)
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if under_set_mesh else contextlib.nullcontext():
         y, new_state = jax.jit(apply)(params, state, _split(mesh, x))
 
     expected, mean, var = references.batchnorm(x, params.scale, params.bias)

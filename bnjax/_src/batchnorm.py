@@ -106,7 +106,7 @@ def batchnorm_apply(
         `shard_map`, `vmap(..., axis_name=...)` or `pmap`. The statistics are
         then those of the whole batch across that axis (synchronized
         BatchNorm), pooled exactly in two all-reduces of O(C) values (see
-        `README`, "Synchronized BatchNorm"). Default None.
+        `docs/scaling.md`, "Synchronized BatchNorm"). Default None.
       mask: optional boolean array of entries that contribute to the
         statistics, by the one mask rule: of `x`'s rank it broadcasts by
         numpy's rules with size 1 on the feature axis (e.g. `(N, 1, H, W)`

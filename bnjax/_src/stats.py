@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bnjax._src import stats_cpu
 
@@ -172,10 +172,12 @@ def _first_entry(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """`x` at index 0 along `axes` (kept with size 1), whole along the others.
 
     JAX refuses to slice an axis split over an explicit mesh axis (sharded
-    `jit` under `jax.set_mesh`) down to size 1; such an axis is indexed with
+    `jit` on a mesh of `jax.make_mesh`, whose axes are explicit by default)
+    down to size 1; such an axis is indexed with
     a gather whose small result is replicated instead.
     """
-    spec = tuple(getattr(jax.typeof(x).sharding, "spec", None) or ())
+    sharding = jax.typeof(x).sharding
+    spec = tuple(getattr(sharding, "spec", None) or ())
     spec += (None,) * (x.ndim - len(spec))
     sharded = [a for a in axes if spec[a] is not None]
     entry = x[
@@ -184,7 +186,8 @@ def _first_entry(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     for a in sharded:
         spec = (*spec[:a], None, *spec[a + 1 :])
         index = (*(slice(None),) * a, jnp.zeros((1,), jnp.int32))
-        entry = entry.at[index].get(out_sharding=PartitionSpec(*spec))
+        # A NamedSharding, not a bare spec: the caller need not be under `jax.set_mesh`.
+        entry = entry.at[index].get(out_sharding=NamedSharding(sharding.mesh, PartitionSpec(*spec)))
     return entry
 
 
