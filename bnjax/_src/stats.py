@@ -20,7 +20,7 @@ compiler, the cache size or the size of the input.
 import math
 from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -368,6 +368,10 @@ def normalize(
     return y.reshape(x.shape)
 
 
+@overload
+def broadcast_to_axes(p: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array: ...
+@overload
+def broadcast_to_axes(p: None, ndim: int, axes: tuple[int, ...]) -> None: ...
 def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
     """Reshapes a parameter laid out over `axes` so it broadcasts at rank `ndim`."""
     if p is None:
