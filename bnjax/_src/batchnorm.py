@@ -201,7 +201,7 @@ def batchnorm_apply(
     out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if not train:
         y = normalize_with_running_stats(
-            params, state, x, feature_axis, epsilon, zero_centered_scale
+            params, running_stats(state), x, feature_axis, epsilon, zero_centered_scale
         )
         return output.finish(y, modulation, out_dtype), state
     batch = batch_statistics(
@@ -287,12 +287,13 @@ def normalize_with_running_stats(
 ) -> jax.Array:
     """Eval mode: `x` normalized with the running mean and variance, in the statistics dtype."""
 
-    def expand(v: jax.Array | None) -> jax.Array | None:
-        return stats.broadcast_to_axes(v, x.ndim, (feature_axis,))
-
+    axes = (feature_axis,)
     scale = output.learned_scale(params.scale, zero_centered_scale, stats.stats_dtype(x.dtype))
-    mean, var = expand(state.mean), expand(state.var)
-    return stats.normalize(x, mean, var, expand(scale), expand(params.bias), epsilon)
+    mean = stats.broadcast_to_axes(state.mean, x.ndim, axes)
+    var = stats.broadcast_to_axes(state.var, x.ndim, axes)
+    scale = stats.broadcast_to_axes(scale, x.ndim, axes)
+    bias = stats.broadcast_to_axes(params.bias, x.ndim, axes)
+    return stats.normalize(x, mean, var, scale, bias, epsilon)
 
 
 def batch_statistics(
@@ -321,6 +322,7 @@ def batch_statistics(
             m.mean.reshape(num_features), m.var.reshape(num_features), m.count.reshape(())
         )
 
+    whole: stats.Moments | None
     if virtual_batch_size is None:
         reduced = tuple(a for a in range(x.ndim) if a != feature_axis)
         checks.check_values_per_feature(
@@ -411,7 +413,10 @@ def update_running(
         state.count + jnp.int32(1),
     )
     usable = _is_usable(contribution, skip_nonfinite)
-    return jax.tree.map(lambda new, old: jnp.where(usable, new, old), new_state, state)
+    updated: BatchStats = jax.tree.map(
+        lambda new, old: jnp.where(usable, new, old), new_state, state
+    )
+    return updated
 
 
 def _is_usable(contribution: stats.Moments, skip_nonfinite: bool) -> jax.Array:
@@ -424,7 +429,7 @@ def _is_usable(contribution: stats.Moments, skip_nonfinite: bool) -> jax.Array:
 
 def _update_weights(
     count: jax.Array, momentum: float | None, warmup: bool, dtype: jnp.dtype
-) -> tuple[Any, Any]:
+) -> tuple[jax.Array | float, jax.Array | float]:
     """`(keep, take)`: the weights of the running value and of the batch in an update.
 
     The moving average keeps `momentum`; the cumulative average after `k =
@@ -447,4 +452,5 @@ def _update_weights(
     # float 1 / (1 - 0.9) is 9.999999999999998).
     warmup_updates = math.ceil(1 / (1 - Fraction(repr(float(momentum)))))
     in_warmup = count < warmup_updates
-    return tuple(jnp.where(in_warmup, c, m) for c, m in zip(cumulative, moving, strict=True))
+    keep, take = (jnp.where(in_warmup, c, m) for c, m in zip(cumulative, moving, strict=True))
+    return keep, take

@@ -103,7 +103,7 @@ def batchrenorm_apply(
     out_dtype = checks.check_output_dtype(dtype, x.dtype)
     if not train:
         y = batchnorm.normalize_with_running_stats(
-            params, state, x, feature_axis, epsilon, zero_centered_scale
+            params, batchnorm.running_stats(state), x, feature_axis, epsilon, zero_centered_scale
         )
         return output.finish(y, modulation, out_dtype), state
     batch = batchnorm.batch_statistics(
@@ -117,7 +117,7 @@ def batchrenorm_apply(
     )
     running = batchnorm.running_stats(state)
 
-    def expand(v: jax.Array | None) -> jax.Array | None:
+    def expand(v: jax.Array) -> jax.Array:
         return stats.broadcast_to_axes(v, batch.x.ndim, (batch.feature_axis,))
 
     dtype = batch.mean.dtype

@@ -36,7 +36,9 @@ def check_floating(x: jax.Array, name: str = "x") -> None:
         )
 
 
-def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:
+def normalize_axes(
+    axis: int | np.integer[Any] | Sequence[int], ndim: int, name: str = "axis"
+) -> tuple[int, ...]:
     """Turns `axis` (an int or a sequence of ints) into sorted non-negative axes."""
     axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
     if not axes:
@@ -106,7 +108,9 @@ def check_epsilon(epsilon: float) -> None:
         raise ValueError(f"`epsilon` must be > 0, got {epsilon}.")
 
 
-def broadcast_mask(mask: Any, x_shape: tuple[int, ...], feature_axis: int | None) -> jax.Array:
+def broadcast_mask(
+    mask: jax.typing.ArrayLike, x_shape: tuple[int, ...], feature_axis: int | None
+) -> jax.Array:
     """Checks a boolean mask against `x_shape` by the one mask rule; returns it at `x`'s rank.
 
     A mask of `x`'s rank broadcasts by numpy's rules (each axis 1 or `x`'s
@@ -236,7 +240,7 @@ def check_modulation(
         )
     ndim = len(x_shape)
     example = tuple(n if a in (0, channel_axis) else 1 for a, n in enumerate(x_shape))
-    checked = []
+    checked: list[jax.Array | None] = []
     for index, part in enumerate(modulation):
         if part is None:
             checked.append(None)
@@ -258,7 +262,7 @@ def check_modulation(
     return checked[0], checked[1]
 
 
-def check_output_dtype(dtype: Any, x_dtype: jnp.dtype) -> jnp.dtype:
+def check_output_dtype(dtype: jax.typing.DTypeLike | None, x_dtype: jnp.dtype) -> jnp.dtype:
     """`dtype=`: the output dtype, a floating dtype; None means `x`'s."""
     if dtype is None:
         return jnp.dtype(x_dtype)

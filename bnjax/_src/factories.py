@@ -14,13 +14,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import checks, stats
+from bnjax._src import checks, output, stats
 from bnjax._src.batchnorm import batchnorm_apply, batchnorm_init
 from bnjax._src.batchrenorm import batchrenorm_apply
 from bnjax._src.groupnorm import groupnorm_apply, groupnorm_init, instancenorm_apply
 from bnjax._src.layernorm import layernorm_apply, layernorm_init
 from bnjax._src.rmsnorm import rmsnorm_apply, rmsnorm_init
-from bnjax._src.types import Normalizer, NormParams
+from bnjax._src.types import BatchStats, CollectedStats, Normalizer, NormParams
 
 
 def batchnorm(
@@ -228,7 +228,15 @@ def _batch_normalizer(
         axis = checks.check_feature_axis(hyper["axis"], len(input_shape))
         return batchnorm_init(input_shape[axis], **spec._asdict())
 
-    def apply(params, state, x, train, *, mask=None, modulation=None):
+    def apply(
+        params: NormParams,
+        state: BatchStats | CollectedStats,
+        x: jax.Array,
+        train: bool,
+        *,
+        mask: jax.Array | None = None,
+        modulation: output.Modulation | None = None,
+    ) -> tuple[jax.Array, BatchStats | CollectedStats]:
         return apply_fn(
             params,
             state,
@@ -255,7 +263,15 @@ def _stateless(
     def init(input_shape: Sequence[int]) -> tuple[NormParams, None]:
         return init_params(input_shape), None
 
-    def apply(params, state, x, train, *, mask=None, modulation=None):
+    def apply(
+        params: NormParams,
+        state: None,
+        x: jax.Array,
+        train: bool,
+        *,
+        mask: jax.Array | None = None,
+        modulation: output.Modulation | None = None,
+    ) -> tuple[jax.Array, None]:
         checks.check_train(train)
         return apply_fn(params, x, mask=mask, modulation=modulation, dtype=dtype, **hyper), state
 

@@ -162,7 +162,7 @@ def _affine(
     return factor, shift
 
 
-def _compute_dtype(*trees) -> jnp.dtype:
+def _compute_dtype(*trees: jax.Array | NormParams | BatchStats | None) -> jnp.dtype:
     """At least float32, or the widest floating dtype among the arrays."""
     dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(trees)]
     return jnp.promote_types(jnp.result_type(*dtypes, jnp.float32), jnp.float32)

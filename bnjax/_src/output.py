@@ -9,7 +9,7 @@ Both run in the statistics dtype (at least float32), so a bfloat16 input is
 rounded once, at the end, not once before the modulation and again after.
 """
 
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,10 @@ def initial_scale(shape: tuple[int, ...], zero_centered: bool, dtype: Any) -> ja
     return jnp.zeros(shape, dtype) if zero_centered else jnp.ones(shape, dtype)
 
 
+@overload
+def learned_scale(scale: jax.Array, zero_centered: bool, dtype: jnp.dtype) -> jax.Array: ...
+@overload
+def learned_scale(scale: None, zero_centered: bool, dtype: jnp.dtype) -> None: ...
 def learned_scale(
     scale: jax.Array | None, zero_centered: bool, dtype: jnp.dtype
 ) -> jax.Array | None:

@@ -123,8 +123,9 @@ def collect(state: CollectedStats, batch: stats.Moments, usable: jax.Array) -> C
     )
     so_far = stats.Moments(state.mean, state.var, state.count)
     both = stats.Moments(
-        *(jnp.stack([a, b]) for a, b in zip(so_far[:2], batch[:2], strict=True)),
-        count=jnp.stack([so_far.count, batch.count]).reshape(2, 1),
+        jnp.stack([so_far.mean, batch.mean]),
+        jnp.stack([so_far.var, batch.var]),
+        jnp.stack([so_far.count, batch.count]).reshape(2, 1),
     )
     total = stats.pool(both, (0,))
     return state._replace(

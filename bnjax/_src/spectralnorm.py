@@ -156,4 +156,5 @@ def _power_iterations(
         u = normalize(jnp.matmul(matrix, v, precision=_PRECISION))
         return u, normalize(jnp.matmul(u, matrix, precision=_PRECISION))
 
-    return lax.fori_loop(0, num_iterations, iteration, (u, v))
+    refined: tuple[jax.Array, jax.Array] = lax.fori_loop(0, num_iterations, iteration, (u, v))
+    return refined

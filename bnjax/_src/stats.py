@@ -18,9 +18,9 @@ compiler, the cache size or the size of the input.
 """
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ class Moments(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field hides tuple.count: python/mypy#3950
 
 
 def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -263,7 +263,7 @@ def _pool_sums(
     ]
     count = jnp.broadcast_to(parts.count, shape)
     weight = count.astype(dtype)
-    sums = (
+    sums: tuple[jax.Array, ...] = (
         jnp.sum(count, axes, keepdims=True),
         jnp.sum(weight * parts.mean, axes, keepdims=True),
         jnp.sum(weight * parts.var, axes, keepdims=True),
@@ -371,6 +371,10 @@ def normalize(
     return y.reshape(x.shape)
 
 
+@overload
+def broadcast_to_axes(p: jax.Array, ndim: int, axes: tuple[int, ...]) -> jax.Array: ...
+@overload
+def broadcast_to_axes(p: None, ndim: int, axes: tuple[int, ...]) -> None: ...
 def broadcast_to_axes(p: jax.Array | None, ndim: int, axes: tuple[int, ...]) -> jax.Array | None:
     """Reshapes a parameter laid out over `axes` so it broadcasts at rank `ndim`."""
     if p is None:
@@ -425,7 +429,7 @@ def _sums_on_merged_view(
     return tuple(s.reshape(shift.shape) for s in sums)
 
 
-def _runs(kinds: list) -> list[list[int]]:
+def _runs(kinds: Sequence[object]) -> list[list[int]]:
     """Groups axes into runs of adjacent axes of the same kind."""
     runs: list[list[int]] = []
     for a, kind in enumerate(kinds):

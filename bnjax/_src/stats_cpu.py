@@ -43,7 +43,11 @@ def _separate_sums(
 
 
 @_separate_sums.defjvp
-def _separate_sums_jvp(axes, primals, tangents):
+def _separate_sums_jvp(
+    axes: tuple[int, ...],
+    primals: tuple[jax.Array, jax.Array, jax.Array | None],
+    tangents: tuple[jax.Array, jax.Array, object],
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     x, shift, mask = primals
     x_dot, shift_dot, _ = tangents
     sums = _separate_sums(x, shift, mask, axes)

@@ -38,7 +38,7 @@ class BatchStats(NamedTuple):
 
     mean: jax.Array
     var: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field hides tuple.count: python/mypy#3950
 
 
 class CollectedStats(NamedTuple):
@@ -63,7 +63,7 @@ class CollectedStats(NamedTuple):
     running: BatchStats
     mean: jax.Array
     var: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field hides tuple.count: python/mypy#3950
     calls: jax.Array
 
 

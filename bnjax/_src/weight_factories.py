@@ -86,7 +86,8 @@ def spectralnorm(
     def apply(
         params: None, state: SpectralState, kernel: jax.Array, train: bool
     ) -> tuple[jax.Array, SpectralState]:
-        hyper = dict(axis=axis, num_iterations=num_iterations, epsilon=epsilon)
-        return spectralnorm_apply(state, kernel, train, **hyper)
+        return spectralnorm_apply(
+            state, kernel, train, axis=axis, num_iterations=num_iterations, epsilon=epsilon
+        )
 
     return WeightNormalizer(init, apply)

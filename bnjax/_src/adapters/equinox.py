@@ -145,6 +145,7 @@ class _BatchNormalization(_Normalization, eqx.nn.StatefulLayer):
         """
         hyper = {**hyper, "axis": _batched_axis(axis), "axis_name": axis_name}
         layer = layers.build(self._kind, num_features, hyper)
+        assert layer.stats is not None  # the batch normalizers' `init` makes `BatchStats`
         self.params, self.normalizer = layer.params, layer.normalizer
         self.state_index = eqx.nn.StateIndex(layer.stats)
         self.inference = inference

@@ -23,14 +23,19 @@ def as_numpy(value: Any) -> np.ndarray:
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
             torch = sys.modules[type(value).__module__.split(".")[0]]
-            return value.view(torch.int16).numpy().view(jnp.bfloat16)
+            return np.asarray(value.view(torch.int16).numpy()).view(jnp.bfloat16)
         value = value.numpy()
     return np.asarray(value)
 
 
-def as_jax(value: Any) -> jax.Array | None:
-    """A JAX array of `value` (see `as_numpy`); None stays None."""
-    return None if value is None else jnp.asarray(as_numpy(value))
+def as_jax(value: Any) -> jax.Array:
+    """A JAX array of `value` (see `as_numpy`)."""
+    return jnp.asarray(as_numpy(value))
+
+
+def as_jax_or_none(value: Any) -> jax.Array | None:
+    """`as_jax(value)`, for an optional value: None stays None."""
+    return None if value is None else as_jax(value)
 
 
 def affine_dict(

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src.convert._common import affine_dict, as_jax
+from bnjax._src.convert._common import affine_dict, as_jax, as_jax_or_none
 from bnjax._src.types import BatchStats, NormParams
 
 
@@ -40,7 +40,7 @@ def from_flax_batchnorm(
     """
     weights = variables.get("params", {})
     batch_stats = variables["batch_stats"]
-    params = NormParams(as_jax(weights.get("scale")), as_jax(weights.get("bias")))
+    params = NormParams(as_jax_or_none(weights.get("scale")), as_jax_or_none(weights.get("bias")))
     state = BatchStats(
         as_jax(batch_stats["mean"]), as_jax(batch_stats["var"]), jnp.asarray(count, jnp.int32)
     )

@@ -47,9 +47,11 @@ def from_haiku_batchnorm(
       ((3,), Array(2, dtype=int32))
     """
     weights = params.get(name, {})
+    scale, offset = weights.get("scale"), weights.get("offset")
     mean_ema, var_ema = state[f"{name}/~/mean_ema"], state[f"{name}/~/var_ema"]
     new_params = NormParams(
-        _channels(weights.get("scale"), "scale"), _channels(weights.get("offset"), "offset")
+        None if scale is None else _channels(scale, "scale"),
+        None if offset is None else _channels(offset, "offset"),
     )
     new_state = BatchStats(
         _channels(mean_ema["average"], "mean_ema/average"),
@@ -112,14 +114,12 @@ def to_haiku_batchnorm(
     return ({name: weights} if weights else {}), hk_state
 
 
-def _channels(value: Any, what: str) -> jax.Array | None:
+def _channels(value: Any, what: str) -> jax.Array:
     """`[1, ..., 1, C, 1, ...]` to `(C,)`; the stored values are unchanged."""
-    if value is None:
-        return None
-    value = as_jax(value)
-    if sum(n != 1 for n in value.shape) > 1:
+    array = as_jax(value)
+    if sum(n != 1 for n in array.shape) > 1:
         raise ValueError(
             f"`{what}` must have one axis of size C and the others of size 1, "
-            f"got shape {value.shape}."
+            f"got shape {array.shape}."
         )
-    return value.reshape(-1)
+    return array.reshape(-1)

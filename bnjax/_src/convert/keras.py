@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax._src.convert._common import as_jax
+from bnjax._src.convert._common import as_jax, as_jax_or_none
 from bnjax._src.types import BatchStats, NormParams
 
 _KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -61,7 +61,7 @@ def from_keras_batchnorm(
         raise ValueError(
             f"`weights` must hold `moving_mean` and `moving_variance`, got {sorted(named)}."
         )
-    params = NormParams(as_jax(named.get("gamma")), as_jax(named.get("beta")))
+    params = NormParams(as_jax_or_none(named.get("gamma")), as_jax_or_none(named.get("beta")))
     state = BatchStats(
         as_jax(named["moving_mean"]),
         as_jax(named["moving_variance"]),

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax._src.convert._common import affine_dict, as_jax, as_numpy
+from bnjax._src.convert._common import affine_dict, as_jax, as_jax_or_none, as_numpy
 from bnjax._src.types import BatchStats, NormParams
 
 
@@ -129,7 +129,7 @@ def from_torch_layernorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> 
       ((4, 5), None)
     """
     weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
-    return NormParams(as_jax(weight), as_jax(bias))
+    return NormParams(as_jax_or_none(weight), as_jax_or_none(bias))
 
 
 def to_torch_layernorm(params: NormParams, *, prefix: str = "") -> dict[str, np.ndarray]:
@@ -184,7 +184,7 @@ def from_torch_rmsnorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> No
       >>> params.scale.shape, params.bias
       ((8,), None)
     """
-    return NormParams(as_jax(state_dict.get(prefix + "weight")), None)
+    return NormParams(as_jax_or_none(state_dict.get(prefix + "weight")), None)
 
 
 def to_torch_rmsnorm(params: NormParams, *, prefix: str = "") -> dict[str, np.ndarray]:

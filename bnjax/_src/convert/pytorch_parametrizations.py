@@ -127,11 +127,11 @@ def to_torch_spectralnorm(
       >>> [(k.split(".", 2)[-1], x.shape) for k, x in sd.items()]
       [('original', (4, 2, 3, 3)), ('0._u', (4,)), ('0._v', (18,))]
     """
-    kernel = as_numpy(kernel)
-    rest = np.moveaxis(as_numpy(state.v).reshape(kernel.shape[:-1]), -1, 0)
+    numpy_kernel = as_numpy(kernel)
+    rest = np.moveaxis(as_numpy(state.v).reshape(numpy_kernel.shape[:-1]), -1, 0)
     base = f"{prefix}parametrizations.{name}."
     return {
-        base + "original": _to_torch_layout(kernel),
+        base + "original": _to_torch_layout(numpy_kernel),
         base + "0._u": np.array(state.u),
         base + "0._v": np.array(rest).reshape(-1),
     }
