@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 SOURCES := pyproject.toml $(shell find bnjax -name '*.py' -o -name py.typed)
 
-.PHONY: demo test lint bench docs docs-check dist clean
+.PHONY: demo test lint typecheck bench docs docs-check dist clean
 
 demo: $(VENV)/.deps-examples $(VENV)/.bnjax
 	$(BIN)/python examples/study.py $(ARGS)
@@ -19,7 +19,7 @@ demo: $(VENV)/.deps-examples $(VENV)/.bnjax
 # names its folder in site-packages (the bare name `bnjax` would be taken for
 # the source folder here, which the tests never run). Fails unless every line
 # of bnjax/_src/stats.py ran.
-test: $(VENV)/.deps-test $(VENV)/.bnjax lint
+test: $(VENV)/.deps-test $(VENV)/.bnjax lint typecheck
 	$(BIN)/pytest -n 2 --dist loadfile --cov="$$($(BIN)/python -I -c 'import importlib.util as u; \
 		print(u.find_spec("bnjax").submodule_search_locations[0])')" --cov-report=
 	$(BIN)/coverage report --include='*/bnjax/_src/*'
@@ -50,6 +50,10 @@ dist: $(VENV)/.deps-test
 lint: $(VENV)/.deps-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy --strict on bnjax/ ([tool.mypy] in pyproject.toml).
+typecheck: $(VENV)/.deps-test
+	$(BIN)/mypy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
