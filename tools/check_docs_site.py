@@ -1,13 +1,14 @@
 """Opens the built documentation in headless Chromium and fails on what a reader would see broken.
 
-Serves `site/` on 127.0.0.1, loads the home page, a topic page with math and
-an API page, saves a full-page screenshot of each under `results/docs/`, and
-exits non-zero, naming the page and the problem, on: a console error or an
-uncaught exception; a failed request, an HTTP status of 400 or more, or any
-request to another origin (the site must work offline); an image that did
-not load; math that is not rendered (an `.arithmatex` element without
-MathML in it, MathML the browser does not lay out as math, TeX source left
-in the text); a topic page without any rendered formula.
+Serves `site/` on 127.0.0.1, loads every page of the site, saves a
+full-page screenshot of three (the home page, a topic page with math and an
+API page) under `results/docs/`, and exits non-zero, naming the page and the
+problem, on: a console error or an uncaught exception; a failed request,
+an HTTP status of 400 or more, or any request to another origin (the site
+must work offline); an image that did not load; math that is not rendered
+(an `.arithmatex` element without MathML in it, MathML the browser does not
+lay out as math, TeX source left in the text); a topic page without any
+rendered formula.
 
 Needs Chromium (Debian's `/usr/bin/chromium`, or `$CHROMIUM`) and the
 `playwright` package, which drives that browser and downloads none.
@@ -28,8 +29,9 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-# (screenshot name, path in the site, least number of formulas it must show)
-PAGES = [
+# (screenshot name, path in the site, least number of formulas it must show);
+# every other page of the site is checked too, without a screenshot.
+SCREENSHOTS = [
     ("home", "index.html", 0),
     ("topic", "normalizers.html", 1),
     ("api", "api/normalizers.html", 0),
@@ -112,7 +114,17 @@ def _chromium() -> str:
     return path
 
 
-def _check_page(browser, origin: str, path: str, min_maths: int, shot: Path) -> list[str]:
+def _pages(site: Path) -> list[tuple[str, int, Path | None]]:
+    """(path, least formulas, screenshot or None) for every page of the site."""
+    shots = {path: (min_maths, name) for name, path, min_maths in SCREENSHOTS}
+    paths = sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html"))
+    missing = set(shots) - set(paths)
+    if missing:
+        sys.exit(f"pages to screenshot not in {site}: {sorted(missing)}")
+    return [(p, *shots.get(p, (0, None))) for p in paths]
+
+
+def _check_page(browser, origin: str, path: str, min_maths: int, shot: Path | None) -> list[str]:
     problems: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
 
@@ -144,7 +156,8 @@ def _check_page(browser, origin: str, path: str, min_maths: int, shot: Path) -> 
 
     page.goto(f"{origin}/{path}", wait_until="networkidle")
     found = page.evaluate(_INSPECT)
-    page.screenshot(path=str(shot), full_page=True)
+    if shot is not None:
+        page.screenshot(path=str(shot), full_page=True)
     page.close()
 
     problems += [f"image did not load: {src}" for src in found["brokenImages"]]
@@ -157,7 +170,7 @@ def _check_page(browser, origin: str, path: str, min_maths: int, shot: Path) -> 
         problems.append(f"{found['maths']} rendered formulas, expected at least {min_maths}")
     print(
         f"{path}: {found['maths']} formulas, {found['images']} images, "
-        f"{len(problems)} problems; screenshot {shot}"
+        f"{len(problems)} problems" + (f"; screenshot {shot}" if shot else "")
     )
     return problems
 
@@ -171,21 +184,23 @@ def main() -> int:
         sys.exit(f"{args.site}/index.html not found: build the site first (make docs)")
     args.out.mkdir(parents=True, exist_ok=True)
 
+    pages = _pages(args.site)
     server = _serve(args.site)
     origin = f"http://127.0.0.1:{server.server_address[1]}"
     failed = 0
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-            for name, path, min_maths in PAGES:
-                problems = _check_page(browser, origin, path, min_maths, args.out / f"{name}.png")
+            for path, min_maths, name in pages:
+                shot = args.out / f"{name}.png" if name else None
+                problems = _check_page(browser, origin, path, min_maths, shot)
                 for problem in problems:
                     print(f"  FAIL {path}: {problem}")
                 failed += bool(problems)
             browser.close()
     finally:
         server.shutdown()
-    print(f"docs-check: {len(PAGES) - failed} passed, {failed} failed")
+    print(f"docs-check: {len(pages) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 

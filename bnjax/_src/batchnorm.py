@@ -37,7 +37,7 @@ def batchnorm_init(
       or `None`, and `BatchStats(mean=0, var=1, count=0)` with `mean` and
       `var` of shape `(C,)` and an int32 scalar `count`.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.batchnorm_init(3)
       >>> params.scale, state.count
       (Array([1., 1., 1.], dtype=float32), Array(0, dtype=int32))
@@ -180,7 +180,7 @@ def batchnorm_apply(
         `virtual_batch_size` does not divide the batch; `train=False` with a
         `CollectedStats`.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.batchnorm_init(2)
       >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
       >>> y, state = bnjax.batchnorm_apply(params, state, x, True)

@@ -85,7 +85,7 @@ def batchrenorm_apply(
       TypeError, ValueError: as `batchnorm_apply`, and ValueError when
         `r_max < 1` or `d_max < 0`.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.batchnorm_init(2)
       >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
       >>> y, state = bnjax.batchrenorm_apply(params, state, x, True, r_max=1.0, d_max=0.0)

@@ -41,7 +41,7 @@ def batchnorm(
 ) -> Normalizer:
     """BatchNorm as a `Normalizer`; see `batchnorm_init` and `batchnorm_apply`.
 
-    Example:
+    Examples:
       >>> norm = bnjax.batchnorm(momentum=0.99)
       >>> params, state = norm.init((8, 4))
       >>> y, state = norm.apply(params, state, jnp.ones((8, 4)), True)

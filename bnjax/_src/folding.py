@@ -55,7 +55,7 @@ def fold_batchnorm_after(
       ValueError: `kernel.shape[-1]`, `bias`, params and state disagree on `C`;
         `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.batchnorm_init(3)
       >>> state = state._replace(mean=jnp.array([1.0, 0.0, -1.0]), var=jnp.full(3, 4.0))
       >>> kernel, bias = bnjax.fold_batchnorm_after(jnp.ones((5, 3)), None, params, state)
@@ -118,7 +118,7 @@ def fold_batchnorm_before_dense(
       ValueError: `kernel` is not 2-D; `kernel.shape[0]`, params and state
         disagree on `C`; `bias` is not `(out,)`; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.batchnorm_init(4)
       >>> kernel, bias = bnjax.fold_batchnorm_before_dense(
       ...     jnp.ones((4, 2)), jnp.zeros(2), params, state._replace(mean=jnp.ones(4)))

@@ -31,7 +31,7 @@ def groupnorm_init(
     Returns:
       `NormParams(scale, bias)`, each of shape `(C,)` or `None`.
 
-    Example:
+    Examples:
       >>> bnjax.groupnorm_init(64).scale.shape
       (64,)
     """
@@ -100,7 +100,7 @@ def groupnorm_apply(
         0; `num_groups` does not divide `C`; `mask` or `modulation` is not
         broadcastable; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> params = bnjax.groupnorm_init(4)
       >>> x = jnp.array([[[1.0, 3.0, 0.0, 0.0], [3.0, 1.0, 4.0, 4.0]]])
       >>> bnjax.groupnorm_apply(params, x, num_groups=2).round(3)
@@ -184,7 +184,7 @@ def instancenorm_apply(
     Raises:
       TypeError, ValueError: as `groupnorm_apply`.
 
-    Example:
+    Examples:
       >>> params = bnjax.groupnorm_init(2)
       >>> x = jnp.array([[[1.0, 0.0], [3.0, 4.0]]])
       >>> bnjax.instancenorm_apply(params, x).round(3)

@@ -36,7 +36,7 @@ def layernorm_init(
     Returns:
       `NormParams(scale, bias)`, each of shape `feature_shape` or `None`.
 
-    Example:
+    Examples:
       >>> bnjax.layernorm_init((2, 3)).scale.shape
       (2, 3)
     """
@@ -106,7 +106,7 @@ def layernorm_apply(
         shape of the normalized axes; `mask` or `modulation` is not
         broadcastable; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> params = bnjax.layernorm_init(4)
       >>> x = jnp.array([[1.0, 3.0, 1.0, 3.0], [0.0, 0.0, 4.0, 4.0]])
       >>> bnjax.layernorm_apply(params, x).round(4)

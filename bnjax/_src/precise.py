@@ -64,7 +64,7 @@ def precise_batch_stats(
         `stats_fn` returns another structure; a layer ran in eval mode
         (raised when it is traced) or was not called at all.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.batchnorm_init(2)
       >>> stats_fn = lambda s, b: bnjax.batchnorm_apply(params, s, b, True)[1]
       >>> batches = [jnp.array([[0.0, 1.0], [2.0, 1.0]]), jnp.array([[4.0, 4.0]] * 2)]

@@ -33,7 +33,7 @@ def rmsnorm_init(
     Returns:
       `NormParams(scale, bias=None)`, `scale` of shape `feature_shape` or `None`.
 
-    Example:
+    Examples:
       >>> bnjax.rmsnorm_init(8).bias is None
       True
     """
@@ -90,7 +90,7 @@ def rmsnorm_apply(
         the normalized axes' shape; `mask` or `modulation` is not
         broadcastable; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> params = bnjax.rmsnorm_init(2)
       >>> bnjax.rmsnorm_apply(params, jnp.array([[3.0, -3.0]])).round(3)
       Array([[ 1., -1.]], dtype=float32)

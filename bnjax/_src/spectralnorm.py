@@ -49,7 +49,7 @@ def spectralnorm_init(
       ValueError: `kernel_shape` has rank < 2 or a size < 1; `axis` is out
         of range.
 
-    Example:
+    Examples:
       >>> state = bnjax.spectralnorm_init((3, 3, 8, 16), jax.random.key(0))
       >>> state.u.shape, state.v.shape
       ((16,), (72,))
@@ -110,7 +110,7 @@ def spectralnorm_apply(
       ValueError: `w` has rank < 2; `axis` is out of range; the state does
         not match `w`; `num_iterations < 1`; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> w = jnp.array([[2.0, 0.0], [0.0, 1.0]])
       >>> state = bnjax.spectralnorm_init(w.shape, jax.random.key(0))
       >>> w_sn, state = bnjax.spectralnorm_apply(state, w, True, num_iterations=20)

@@ -25,7 +25,7 @@ def weight_decay_mask(params: Any) -> Any:
       mask or the function itself:
       `optax.adamw(1e-3, weight_decay=1e-4, mask=bnjax.weight_decay_mask)`.
 
-    Example:
+    Examples:
       >>> params = {"w": jnp.ones((3, 4)), "bn": bnjax.batchnorm_init(4)[0]}
       >>> bnjax.weight_decay_mask(params)
       {'bn': NormParams(scale=False, bias=False), 'w': True}

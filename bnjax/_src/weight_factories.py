@@ -28,7 +28,7 @@ def weightnorm(
     from `weightnorm_init(kernel)` (the key is not used);
     `apply(params, None, v, train) -> (w, None)`, the same in both modes.
 
-    Example:
+    Examples:
       >>> wn = bnjax.weightnorm()
       >>> kernel = jax.random.normal(jax.random.key(0), (4, 3))
       >>> params, state = wn.init(kernel)
@@ -64,7 +64,7 @@ def spectralnorm(
     `jax.ShapeDtypeStruct`); `apply(None, state, kernel, train) ->
     (kernel / sigma, new_state)`.
 
-    Example:
+    Examples:
       >>> sn = bnjax.spectralnorm(num_iterations=2)
       >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
       >>> params, state = sn.init(kernel, jax.random.key(1))

@@ -32,7 +32,7 @@ def weight_standardize(w: jax.Array, *, axis: int = -1, epsilon: float = 1e-5) -
       TypeError: `w` is not floating; `axis` is not an int.
       ValueError: `w` has rank < 2; `axis` is out of range; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> w = jnp.array([[1.0, 10.0], [3.0, 30.0]])  # (in=2, out=2)
       >>> bnjax.weight_standardize(w, epsilon=1e-6).round(3)
       Array([[-1., -1.],

@@ -33,7 +33,7 @@ def weightnorm_init(
       TypeError: `kernel` is not floating; `axis` is not an int.
       ValueError: `axis` is out of range; `kernel` is a scalar.
 
-    Example:
+    Examples:
       >>> kernel = jnp.array([[3.0, 0.0], [4.0, 2.0]])  # (in=2, out=2)
       >>> bnjax.weightnorm_init(kernel).scale
       Array([5., 2.], dtype=float32)
@@ -71,7 +71,7 @@ def weightnorm_apply(
       ValueError: `axis` is out of range; `params.scale` does not have shape
         `(v.shape[axis],)`; `epsilon <= 0`.
 
-    Example:
+    Examples:
       >>> v = jnp.array([[3.0, 0.0], [4.0, 1.0]])
       >>> bnjax.weightnorm_apply(bnjax.NormParams(jnp.array([1.0, 3.0]), None), v)
       Array([[0.6, 0. ],

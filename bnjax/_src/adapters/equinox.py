@@ -157,7 +157,7 @@ class BatchNorm(_BatchNormalization):
     `BatchNorm(num_features, *, axis_name, axis=0, inference=False, **hyper)`,
     `hyper` the other keywords of `bnjax.batchnorm`.
 
-    Example:
+    Examples:
       >>> import equinox as eqx
       >>> from bnjax import equinox as beqx
       >>> bn, state = eqx.nn.make_with_state(beqx.BatchNorm)(3, axis_name="batch")
@@ -183,7 +183,7 @@ class BatchRenorm(_BatchNormalization):
 class LayerNorm(_StatelessNormalization):
     """LayerNorm for Equinox models; the numbers of `bnjax.layernorm_apply`.
 
-    Example:
+    Examples:
       >>> from bnjax import equinox as beqx
       >>> beqx.LayerNorm(8)(jnp.ones(8)).shape
       (8,)

@@ -163,7 +163,7 @@ class BatchNorm(_BatchNormalization):
     `BatchNorm(num_features, *, use_running_average=False, rngs=None,
     **hyper)`, `hyper` the keywords of `bnjax.batchnorm`.
 
-    Example:
+    Examples:
       >>> from bnjax import nnx as bnnx
       >>> bn = bnnx.BatchNorm(4, momentum=0.99)
       >>> y = bn(jnp.arange(8.0).reshape(2, 4))
@@ -187,7 +187,7 @@ class BatchRenorm(_BatchNormalization):
 class LayerNorm(_StatelessNormalization):
     """LayerNorm as an NNX module; the numbers of `bnjax.layernorm_apply`.
 
-    Example:
+    Examples:
       >>> from bnjax import nnx as bnnx
       >>> ln = bnnx.LayerNorm(8)
       >>> ln(jnp.ones((2, 8))).shape

@@ -31,7 +31,7 @@ def from_flax_batchnorm(
     Returns:
       `(NormParams(scale, bias), BatchStats(mean, var, count))`.
 
-    Example:
+    Examples:
       >>> variables = {"params": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
       ...              "batch_stats": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}
       >>> params, state = bnjax.convert.from_flax_batchnorm(variables)
@@ -53,7 +53,7 @@ def to_flax_batchnorm(params: NormParams, state: BatchStats) -> dict[str, dict[s
     `count` has no Flax counterpart and is dropped; `params` is left out when
     both `scale` and `bias` are None, as Flax does.
 
-    Example:
+    Examples:
       >>> variables = bnjax.convert.to_flax_batchnorm(*bnjax.batchnorm_init(3))
       >>> sorted(variables), sorted(variables["batch_stats"])
       (['batch_stats', 'params'], ['mean', 'var'])

@@ -37,7 +37,7 @@ def from_haiku_batchnorm(
     Returns:
       `(NormParams(scale, bias), BatchStats(mean, var, count))`, fields `(C,)`.
 
-    Example:
+    Examples:
       >>> hk_params = {"batch_norm": {"scale": jnp.ones((1, 3)), "offset": jnp.zeros((1, 3))}}
       >>> ema = {"hidden": jnp.zeros((1, 3)), "average": jnp.ones((1, 3)),
       ...        "counter": jnp.array(2, jnp.int32)}
@@ -94,7 +94,7 @@ def to_haiku_batchnorm(
       ones that are None) and
       `{name + '/~/mean_ema': {'hidden', 'average', 'counter'}, ...var_ema}`.
 
-    Example:
+    Examples:
       >>> hk_params, hk_state = bnjax.convert.to_haiku_batchnorm(
       ...     *bnjax.batchnorm_init(3), decay_rate=0.9, ndim=4)
       >>> hk_params["batch_norm"]["scale"].shape, sorted(hk_state)

@@ -41,7 +41,7 @@ def from_keras_batchnorm(
       ValueError: a sequence of another length than 4 or 2; no moving
         statistics.
 
-    Example:
+    Examples:
       >>> params, state = bnjax.convert.from_keras_batchnorm(
       ...     [np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)])
       >>> params.scale.shape
@@ -77,7 +77,7 @@ def to_keras_batchnorm(params: NormParams, state: BatchStats) -> list[np.ndarray
     the parameters that are None (build the layer with `scale=False` or
     `center=False` to match). `count` is dropped.
 
-    Example:
+    Examples:
       >>> len(bnjax.convert.to_keras_batchnorm(*bnjax.batchnorm_init(3, use_bias=False)))
       3
     """

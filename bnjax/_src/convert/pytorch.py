@@ -24,7 +24,7 @@ def from_torch_momentum(momentum: float | None) -> float | None:
     `running = momentum * running + (1 - momentum) * batch`. `None` (the
     cumulative average) means the same in both and stays `None`.
 
-    Example:
+    Examples:
       >>> bnjax.convert.from_torch_momentum(0.1)
       0.9
     """
@@ -34,7 +34,7 @@ def from_torch_momentum(momentum: float | None) -> float | None:
 def to_torch_momentum(momentum: float | None) -> float | None:
     """PyTorch's `momentum` for bnjax's `momentum`: `1 - momentum`; None stays None.
 
-    Example:
+    Examples:
       >>> bnjax.convert.to_torch_momentum(0.9)
       0.09999999999999998
     """
@@ -69,7 +69,7 @@ def from_torch_batchnorm(
         (`track_running_stats=False`: such a layer always uses batch
         statistics, which bnjax's eval mode does not).
 
-    Example:
+    Examples:
       >>> sd = {"weight": np.ones(3, np.float32), "bias": np.zeros(3, np.float32),
       ...       "running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32),
       ...       "num_batches_tracked": np.array(7)}
@@ -103,7 +103,7 @@ def to_torch_batchnorm(
     `num_batches_tracked` is `count` as int64; `weight` and `bias` are left
     out where `params` has None (a module with `affine=False`).
 
-    Example:
+    Examples:
       >>> sd = bnjax.convert.to_torch_batchnorm(*bnjax.batchnorm_init(3))
       >>> sorted(sd)
       ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
@@ -123,7 +123,7 @@ def from_torch_layernorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> 
     `normalized_shape`; either may be absent (`elementwise_affine=False`,
     `bias=False`). PyTorch's epsilon defaults to 1e-5, as bnjax's.
 
-    Example:
+    Examples:
       >>> params = bnjax.convert.from_torch_layernorm({"weight": np.ones((4, 5))})
       >>> params.scale.shape, params.bias
       ((4, 5), None)
@@ -135,7 +135,7 @@ def from_torch_layernorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> 
 def to_torch_layernorm(params: NormParams, *, prefix: str = "") -> dict[str, np.ndarray]:
     """A `torch.nn.LayerNorm` state dict of numpy arrays; see `from_torch_layernorm`.
 
-    Example:
+    Examples:
       >>> sorted(bnjax.convert.to_torch_layernorm(bnjax.layernorm_init((4, 5))))
       ['bias', 'weight']
     """
@@ -149,7 +149,7 @@ def from_torch_groupnorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> 
     `epsilon=module.eps` and `axis=1` for PyTorch's channels-first layout.
     Groups are contiguous blocks of channels in both.
 
-    Example:
+    Examples:
       >>> params = bnjax.convert.from_torch_groupnorm({"weight": np.ones(6), "bias": np.zeros(6)})
       >>> params.scale.shape
       (6,)
@@ -160,7 +160,7 @@ def from_torch_groupnorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> 
 def to_torch_groupnorm(params: NormParams, *, prefix: str = "") -> dict[str, np.ndarray]:
     """A `torch.nn.GroupNorm` state dict of numpy arrays; see `from_torch_groupnorm`.
 
-    Example:
+    Examples:
       >>> sorted(bnjax.convert.to_torch_groupnorm(bnjax.groupnorm_init(6)))
       ['bias', 'weight']
     """
@@ -179,7 +179,7 @@ def from_torch_rmsnorm(state_dict: Mapping[str, Any], *, prefix: str = "") -> No
     `zero_centered_gamma=True` stores `weight` as `g`, applied as `1 + g`:
     apply it with `zero_centered_scale=True`.
 
-    Example:
+    Examples:
       >>> params = bnjax.convert.from_torch_rmsnorm({"weight": np.ones(8, np.float32)})
       >>> params.scale.shape, params.bias
       ((8,), None)
@@ -193,7 +193,7 @@ def to_torch_rmsnorm(params: NormParams, *, prefix: str = "") -> dict[str, np.nd
     Raises:
       ValueError: `params.bias` is not None (`torch.nn.RMSNorm` has no bias).
 
-    Example:
+    Examples:
       >>> sorted(bnjax.convert.to_torch_rmsnorm(bnjax.rmsnorm_init(8)))
       ['weight']
     """

@@ -41,7 +41,7 @@ def from_torch_weightnorm(
       ValueError: a key is missing, or `g` does not hold one value per
         output.
 
-    Example:
+    Examples:
       >>> sd = {"parametrizations.weight.original0": np.full((4, 1), 2.0),
       ...       "parametrizations.weight.original1": np.ones((4, 3))}
       >>> v, params = bnjax.convert.from_torch_weightnorm(sd)
@@ -67,7 +67,7 @@ def to_torch_weightnorm(
     in d.items()}, strict=False)` (strict if the module has no other
     tensors, such as a bias).
 
-    Example:
+    Examples:
       >>> v = jnp.ones((3, 3, 2, 8))
       >>> sd = bnjax.convert.to_torch_weightnorm(v, bnjax.weightnorm_init(v))
       >>> [x.shape for x in sd.values()]
@@ -100,7 +100,7 @@ def from_torch_spectralnorm(
     Raises:
       ValueError: a key is missing.
 
-    Example:
+    Examples:
       >>> sd = {"parametrizations.weight.original": np.ones((4, 2, 3, 3)),
       ...       "parametrizations.weight.0._u": np.ones(4) / 2,
       ...       "parametrizations.weight.0._v": np.ones(18) / np.sqrt(18)}
@@ -120,7 +120,7 @@ def to_torch_spectralnorm(
 ) -> dict[str, np.ndarray]:
     """A `spectral_norm`-parametrized module's state dict; see `from_torch_spectralnorm`.
 
-    Example:
+    Examples:
       >>> kernel = jnp.ones((3, 3, 2, 4))
       >>> state = bnjax.spectralnorm_init(kernel.shape, jax.random.key(0))
       >>> sd = bnjax.convert.to_torch_spectralnorm(kernel, state)
