@@ -64,7 +64,10 @@ $(VENV)/.deps-%: pyproject.toml | $(BIN)/python
 	touch $@
 
 # bnjax itself, installed (not editable) so the tests see what users get.
+# setuptools stages the package in build/, where a module deleted from bnjax/
+# would otherwise live on and be installed again.
 $(VENV)/.bnjax: $(SOURCES) | $(BIN)/python
+	rm -rf build
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		--no-deps --force-reinstall .
 	touch $@
