@@ -2,11 +2,12 @@
 
 import math
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, output, precise, stats
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
@@ -18,7 +19,7 @@ def batchnorm_init(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> tuple[NormParams, BatchStats]:
     """Creates BatchNorm parameters and running statistics.
 
@@ -73,7 +74,7 @@ def batchnorm_apply(
     momentum_warmup: bool = False,
     zero_centered_scale: bool = False,
     modulation: output.Modulation | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, BatchStats | CollectedStats]:
     """Normalizes each feature of `x` with batch or running statistics.
 

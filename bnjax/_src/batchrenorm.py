@@ -1,10 +1,9 @@
 """Batch Renormalization as a pure function of params, running state and input."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from bnjax._src import batchnorm, checks, output, stats
 from bnjax._src.types import BatchStats, CollectedStats, NormParams
@@ -29,7 +28,7 @@ def batchrenorm_apply(
     momentum_warmup: bool = False,
     zero_centered_scale: bool = False,
     modulation: output.Modulation | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, BatchStats | CollectedStats]:
     """BatchNorm corrected towards the running statistics (Ioffe 2017, Alg. 1).
 

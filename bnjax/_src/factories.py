@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, output, stats
 from bnjax._src.batchnorm import batchnorm_apply, batchnorm_init
@@ -36,8 +37,8 @@ def batchnorm(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
-    dtype: Any = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
 ) -> Normalizer:
     """BatchNorm as a `Normalizer`; see `batchnorm_init` and `batchnorm_apply`.
 
@@ -76,8 +77,8 @@ def batchrenorm(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
-    dtype: Any = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
 ) -> Normalizer:
     """Batch Renormalization as a `Normalizer`; see `batchrenorm_apply`."""
     checks.check_renorm_limits(r_max, d_max)
@@ -105,8 +106,8 @@ def layernorm(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
-    dtype: Any = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
 ) -> Normalizer:
     """LayerNorm as a stateless `Normalizer`; see `layernorm_apply`.
 
@@ -130,8 +131,8 @@ def rmsnorm(
     epsilon: float = 1e-6,
     use_scale: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
-    dtype: Any = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
 ) -> Normalizer:
     """RMSNorm as a stateless `Normalizer`; see `rmsnorm_apply`.
 
@@ -165,8 +166,8 @@ def groupnorm(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
-    dtype: Any = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
 ) -> Normalizer:
     """GroupNorm as a stateless `Normalizer`; see `groupnorm_apply`."""
     checks.check_size("num_groups", num_groups)
@@ -191,8 +192,8 @@ def instancenorm(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
-    dtype: Any = None,
+    param_dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = None,
 ) -> Normalizer:
     """InstanceNorm as a stateless `Normalizer`; see `instancenorm_apply`."""
     checks.check_epsilon(epsilon)
@@ -212,7 +213,7 @@ class _ParamSpec(NamedTuple):
     use_scale: bool
     use_bias: bool
     zero_centered_scale: bool
-    param_dtype: Any
+    param_dtype: DTypeLike
 
 
 def _batch_normalizer(
@@ -255,7 +256,7 @@ def _stateless(
     init_params: Callable[[Sequence[int]], NormParams],
     apply_fn: Callable[..., jax.Array],
     hyper: dict[str, Any],
-    dtype: Any,
+    dtype: DTypeLike | None,
 ) -> Normalizer:
     """Wraps a normalizer without running state: `state` is `None` throughout."""
     checks.check_output_dtype(dtype, jnp.float32)

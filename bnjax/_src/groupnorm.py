@@ -1,9 +1,8 @@
 """Group and Instance Normalization as pure functions of params and input."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, output, stats
 from bnjax._src.types import NormParams
@@ -15,7 +14,7 @@ def groupnorm_init(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> NormParams:
     """Creates GroupNorm (or InstanceNorm) parameters.
 
@@ -53,7 +52,7 @@ def groupnorm_apply(
     mask: jax.Array | None = None,
     zero_centered_scale: bool = False,
     modulation: output.Modulation | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
     """Normalizes each example over groups of channels.
 
@@ -157,7 +156,7 @@ def instancenorm_apply(
     mask: jax.Array | None = None,
     zero_centered_scale: bool = False,
     modulation: output.Modulation | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
     """Normalizes each channel of each example over its other axes.
 

@@ -1,10 +1,10 @@
 """Layer Normalization as a pure function of params and input."""
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, output, stats
 from bnjax._src.types import NormParams
@@ -16,7 +16,7 @@ def layernorm_init(
     use_scale: bool = True,
     use_bias: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> NormParams:
     """Creates LayerNorm parameters.
 
@@ -58,7 +58,7 @@ def layernorm_apply(
     mask: jax.Array | None = None,
     zero_centered_scale: bool = False,
     modulation: output.Modulation | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
     """Normalizes each example of `x` over the axes `axis`.
 

@@ -9,15 +9,16 @@ Both run in the statistics dtype (at least float32), so a bfloat16 input is
 rounded once, at the end, not once before the modulation and again after.
 """
 
-from typing import Any, overload
+from typing import overload
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 Modulation = tuple[jax.Array | None, jax.Array | None]
 
 
-def initial_scale(shape: tuple[int, ...], zero_centered: bool, dtype: Any) -> jax.Array:
+def initial_scale(shape: tuple[int, ...], zero_centered: bool, dtype: DTypeLike) -> jax.Array:
     """A scale that applies as 1: stored as 1, or as 0 when applied as `1 + g`."""
     return jnp.zeros(shape, dtype) if zero_centered else jnp.ones(shape, dtype)
 

@@ -1,11 +1,11 @@
 """Root-mean-square Normalization as a pure function of params and input."""
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, layernorm, output, stats
 from bnjax._src.types import NormParams
@@ -16,7 +16,7 @@ def rmsnorm_init(
     *,
     use_scale: bool = True,
     zero_centered_scale: bool = False,
-    param_dtype: Any = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> NormParams:
     """Creates RMSNorm parameters: a scale and no bias.
 
@@ -55,7 +55,7 @@ def rmsnorm_apply(
     mask: jax.Array | None = None,
     zero_centered_scale: bool = False,
     modulation: output.Modulation | None = None,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
 ) -> jax.Array:
     """Divides each example by its root mean square over the axes `axis`.
 

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, stats
 from bnjax._src.types import SpectralState
@@ -22,7 +23,7 @@ def spectralnorm_init(
     key: jax.Array,
     *,
     axis: int = -1,
-    param_dtype: Any = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> SpectralState:
     """Creates the power iteration's starting vectors: random, of unit length.
 

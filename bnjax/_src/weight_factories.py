@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from bnjax._src import checks
 from bnjax._src.spectralnorm import spectralnorm_apply, spectralnorm_init
@@ -20,7 +21,7 @@ from bnjax._src.weightnorm import weightnorm_apply, weightnorm_init
 
 
 def weightnorm(
-    *, axis: int = -1, epsilon: float = 1e-12, param_dtype: Any = jnp.float32
+    *, axis: int = -1, epsilon: float = 1e-12, param_dtype: DTypeLike = jnp.float32
 ) -> WeightNormalizer:
     """Weight Normalization as a `WeightNormalizer`; see `weightnorm_apply`.
 
@@ -55,7 +56,7 @@ def spectralnorm(
     axis: int = -1,
     num_iterations: int = 1,
     epsilon: float = 1e-12,
-    param_dtype: Any = jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
 ) -> WeightNormalizer:
     """Spectral Normalization as a `WeightNormalizer`; see `spectralnorm_apply`.
 

@@ -1,16 +1,15 @@
 """Weight Normalization as a pure function of a direction kernel and a scale."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from bnjax._src import checks, stats
 from bnjax._src.types import NormParams
 
 
 def weightnorm_init(
-    kernel: jax.Array, *, axis: int = -1, param_dtype: Any = jnp.float32
+    kernel: jax.Array, *, axis: int = -1, param_dtype: DTypeLike = jnp.float32
 ) -> NormParams:
     """Creates Weight Normalization's scale from a kernel: the kernel's norm per output.
 
