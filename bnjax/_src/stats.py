@@ -173,8 +173,8 @@ def _first_entry(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
     JAX refuses to slice an axis split over an explicit mesh axis (sharded
     `jit` on a mesh of `jax.make_mesh`, whose axes are explicit by default)
-    down to size 1; such an axis is indexed with
-    a gather whose small result is replicated instead.
+    down to size 1; such an axis is indexed with a gather whose small result
+    is replicated instead.
     """
     sharding = jax.typeof(x).sharding
     spec = tuple(getattr(sharding, "spec", None) or ())
