@@ -187,14 +187,26 @@ def test_data_parallel_example_runs_as_two_processes():
     assert "running mean identical on all 4 devices: True" in result.stdout, result.stdout
 
 
-def test_sync_overhead_benchmark_writes_its_table(tmp_path):
+def test_sync_overhead_benchmark_shows_a_payload_that_does_not_grow_with_devices(tmp_path):
     out = tmp_path / "sync.json"
     script = EXAMPLES.parent / "benchmarks" / "sync_overhead.py"
-    result = run_demo("--devices", "2", "--repeats", "1", "--out", str(out), script=script)
+    result = run_demo("--devices", "2,4", "--repeats", "1", "--out", str(out), script=script)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert {r["statistics"] for r in rows} == {"per-device", "synchronized"}
     assert all(r["median_ms"] > 0 for r in rows)
+    assert {(r["devices"], r["statistics"]) for r in rows} == {
+        (d, s) for d in (2, 4) for s in ("per-device", "synchronized")
+    }
+    for devices in (2, 4):
+        for shape, channels in (("(N,16,16,64)", 64), ("(N,256)", 256)):
+            mine = [r for r in rows if r["devices"] == devices and r["shape"] == shape]
+            payload = {r["statistics"]: r["payload_bytes"] for r in mine}
+            collectives = {r["statistics"]: r["all_reduces"] for r in mine}
+            assert collectives["synchronized"] - collectives["per-device"] <= 2
+            # The summed gradients of scale and bias, float32.
+            assert payload["per-device"] == 2 * channels * 4
+            # SPEC: at most two more collectives, 2C + 2 then 2C float32 values.
+            assert payload["synchronized"] - payload["per-device"] == (4 * channels + 2) * 4
 
 
 def test_norms_benchmark_times_every_available_implementation(tmp_path):
