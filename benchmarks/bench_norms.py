@@ -1,4 +1,4 @@
-"""Normalization layers side by side on the CPU: bnjax, Flax, Haiku, Equinox, PyTorch, numpy-ml.
+"""Normalization layers side by side: bnjax, Flax, Haiku, Equinox, PyTorch, numpy-ml.
 
 For each (workload, op), in one process: every implementation is built,
 called once (compiling it), and its outputs (gradients for fwd+bwd) are
@@ -6,11 +6,16 @@ checked against bnjax's; one that disagrees is reported and left out of the
 row, never timed. The others are then timed interleaved, round-robin, after
 a warm-up call each. Prints the median milliseconds, the ratios to the floor
 (a jit-compiled per-channel `x * a + b`, or its fwd+bwd) and the ratio of
-bnjax to the fastest alternative, and writes everything, with the machine,
-versions and malloc settings, to JSON.
+bnjax to the fastest alternative, and each one's effective bandwidth (the
+bytes the op must move at least, `norm_cases.TRAFFIC`, over its time; with
+the device's peak, its percentage of it), and writes everything, with the
+machine, versions and malloc settings, to JSON. It runs on JAX's default
+backend: `--gpu` is the plan for a GPU, working sets of 256 MB and more,
+with PyTorch on CUDA and a same-size copy as the roofline.
 
-    .venv/bin/python benchmarks/bench_norms.py [--quick | --smoke | --scaling]
+    .venv/bin/python benchmarks/bench_norms.py [--quick | --smoke | --scaling | --gpu]
         [--repeats N] [--out FILE] [--only flax,torch-nhwc] [--ops bn-train-fwd+bwd]
+        [--peak-gbps 4800]
 
 The process re-executes itself once with glibc malloc settings that make
 timings steady (see `timing.STEADY_MALLOC`; `--no-malloc-tuning` keeps glibc's
@@ -35,6 +40,7 @@ from norm_cases import (
     Op,
     Skip,
     Workload,
+    ideal_bytes,
     make_inputs,
     mismatch,
 )
@@ -49,7 +55,8 @@ from timing import (
     write_results,
 )
 
-REFERENCE, FLOOR, BASELINE = "bnjax", "floor", "baseline"
+REFERENCE, FLOOR, BASELINE, COPY = "bnjax", "floor", "baseline", "copy"
+UNCHECKED = (FLOOR, COPY)  # compute other functions: timed, never compared
 ALTERNATIVES = (
     "naive",
     "flax",
@@ -106,6 +113,19 @@ PLANS: dict[str, list[tuple[Workload, list[str]]]] = {
     "quick": [
         (Workload((16, 32, 32, 64), "float32"), ["bn-train-fwd+bwd", "bn-train-fwd", "ln-fwd+bwd"])
     ],
+    # Working sets of 256 MB and more (x alone), which no GPU's L2 holds: larger
+    # NHWC and NCHW images, and the transformer shapes with 8x (float32) or 16x
+    # (bfloat16) the tokens.
+    "gpu": [
+        (Workload((96, 112, 112, 64), "float32"), NCHW_OPS),
+        (Workload((96, 64, 112, 112), "float32", channels_first=True), NCHW_OPS),
+        (Workload((192, 112, 112, 64), "bfloat16"), ["bn-train-fwd+bwd", "gn-fwd+bwd"]),
+        *(
+            (Workload((8 * (4 // itemsize) * tokens, features), dtype), TRANSFORMER_OPS)
+            for dtype, itemsize in (("float32", 4), ("bfloat16", 2))
+            for tokens, features in TRANSFORMER_SHAPES
+        ),
+    ],
     # A tiny shape, every normalizer and mode: runs each implementation in seconds (the tests).
     "smoke": [
         (
@@ -124,7 +144,16 @@ PLANS: dict[str, list[tuple[Workload, list[str]]]] = {
         (Workload((64, 256), "bfloat16"), ["rms-fwd", "ln-fwd+bwd"]),
     ],
 }
-DEFAULT_REPEATS = {"full": 25, "quick": 10, "smoke": 2, "scaling": 10}
+DEFAULT_REPEATS = {"full": 25, "quick": 10, "smoke": 2, "scaling": 10, "gpu": 25}
+# Published peak memory bandwidth, GB/s, by JAX's `device_kind` (`--peak-gbps` for others).
+PEAK_GBPS = {
+    "NVIDIA H200": 4800,
+    "NVIDIA H100 80GB HBM3": 3350,
+    "NVIDIA H100 PCIe": 2000,
+    "NVIDIA A100-SXM4-80GB": 2039,
+    "NVIDIA A100-SXM4-40GB": 1555,
+    "NVIDIA A100 80GB PCIe": 1935,
+}
 SCALING_BATCHES = (8, 16, 32, 64, 128, 256)
 SCALING_EXAMPLE = (56, 56, 64)  # one example of the scaling workload (N, 56, 56, 64)
 LINEAR_TOLERANCE = 0.15  # the largest relative residual of a fit still called linear
@@ -136,6 +165,7 @@ _BASELINE_MODULE: list = []  # the bnjax copy of `--baseline`, once loaded
 
 def implementations() -> dict[str, Callable[[Inputs, Op], Bench]]:
     """Every implementation by name: a function of the case's inputs and op to a `Bench`."""
+    from norm_impls_jax import COPY as COPY_FORWARDS
     from norm_impls_jax import FLOOR as FLOOR_FORWARDS
     from norm_impls_jax import NAIVE, bnjax_bench, jax_bench
     from norm_impls_libs import EQUINOX, FLAX, HAIKU
@@ -147,6 +177,7 @@ def implementations() -> dict[str, Callable[[Inputs, Op], Bench]]:
     return {
         **baseline,
         FLOOR: partial(jax_bench, FLOOR_FORWARDS),
+        COPY: partial(jax_bench, COPY_FORWARDS),
         REFERENCE: bnjax_bench,
         "naive": partial(jax_bench, NAIVE),
         "flax": partial(jax_bench, FLAX),
@@ -171,7 +202,7 @@ def _build_and_check(
     """Builds one implementation, calls it once and checks its outputs.
 
     Returns its result entry, the `Bench` to time (None if it is not timed)
-    and its outputs. The floor is not checked: it computes another function.
+    and its outputs. The floor and the copy are not checked: they compute other functions.
     """
     try:
         bench = build(inputs, op)
@@ -184,7 +215,7 @@ def _build_and_check(
         return {"status": "skipped", "reason": str(reason)}, None, None
     except Exception as error:  # a broken implementation is reported, not timed
         return {"status": "error", "reason": f"{type(error).__name__}: {error}"}, None, None
-    if name not in (REFERENCE, FLOOR):
+    if name not in (REFERENCE, *UNCHECKED):
         problem = (
             "bnjax failed" if reference is None else mismatch(outputs, reference, inputs.dtype)
         )
@@ -193,7 +224,13 @@ def _build_and_check(
     return {"status": "ok", "first_call_s": first_call_s}, bench, outputs
 
 
-def run_case(workload: Workload, op_key: str, names: Sequence[str], repeats: int) -> dict:
+def run_case(
+    workload: Workload,
+    op_key: str,
+    names: Sequence[str],
+    repeats: int,
+    peak_gbps: float | None = None,
+) -> dict:
     """One row: every implementation in `names` checked, then the agreeing ones timed.
 
     bnjax runs first, whether in `names` or not: its outputs are the reference.
@@ -213,10 +250,14 @@ def run_case(workload: Workload, op_key: str, names: Sequence[str], repeats: int
         if bench is not None and name in names:
             benches[name] = bench
     samples = interleaved_samples({n: b.run for n, b in benches.items()}, repeats)
+    traffic = ideal_bytes(workload, op)
     for name, times in samples.items():
         timing = summarize(times)
-        results[name].update(median_ms=1e3 * timing.median, min_ms=1e3 * timing.min)
-    return _row(workload, op_key, results)
+        gbps = traffic / timing.median / 1e9
+        results[name].update(median_ms=1e3 * timing.median, min_ms=1e3 * timing.min, gbps=gbps)
+        if peak_gbps:
+            results[name]["peak_percent"] = 100 * gbps / peak_gbps
+    return {**_row(workload, op_key, results), "ideal_bytes": traffic}
 
 
 def _row(workload: Workload, op_key: str, results: dict[str, dict]) -> dict:
@@ -226,7 +267,7 @@ def _row(workload: Workload, op_key: str, results: dict[str, dict]) -> dict:
         if "median_ms" in result and floor_ms:
             result["ratio_to_floor"] = result["median_ms"] / floor_ms
     timed = {n: r["median_ms"] for n, r in results.items() if "median_ms" in r}
-    alternatives = {n: ms for n, ms in timed.items() if n not in (REFERENCE, FLOOR, BASELINE)}
+    alternatives = {n: ms for n, ms in timed.items() if n not in (REFERENCE, BASELINE, *UNCHECKED)}
     best = min(alternatives, key=alternatives.get) if alternatives else None
     return {
         "workload": workload.name,
@@ -242,7 +283,12 @@ def _row(workload: Workload, op_key: str, results: dict[str, dict]) -> dict:
     }
 
 
-def run_plan(plan: list[tuple[Workload, list[str]]], names: Sequence[str], repeats: int):
+def run_plan(
+    plan: list[tuple[Workload, list[str]]],
+    names: Sequence[str],
+    repeats: int,
+    peak_gbps: float | None = None,
+):
     """Every row of the plan, with a progress bar over the cases."""
     from tqdm import tqdm
 
@@ -251,7 +297,7 @@ def run_plan(plan: list[tuple[Workload, list[str]]], names: Sequence[str], repea
     with tqdm(cases, unit="case", file=sys.stderr) as bar:
         for workload, op in bar:
             bar.set_postfix_str(f"{workload.name} {OPS[op].label}")
-            rows.append(run_case(workload, op, names, repeats))
+            rows.append(run_case(workload, op, names, repeats, peak_gbps))
     return rows
 
 
@@ -276,8 +322,9 @@ def _table(rows: list[dict], names: Sequence[str], key: str, fmt: str) -> list[s
     return lines
 
 
-def format_tables(rows: list[dict], names: Sequence[str]) -> str:
-    """Median milliseconds with bnjax / best alternative, then the ratios to the floor."""
+def format_tables(rows: list[dict], names: Sequence[str], peak_gbps: float | None = None) -> str:
+    """Median milliseconds with bnjax / best alternative, the ratios to the floor, and
+    the effective bandwidths (with their share of `peak_gbps`, when known)."""
     milliseconds = _table(rows, names, "median_ms", ".3f")
     milliseconds[0] += "  bnjax/best alternative"
     for i, row in enumerate(rows, start=1):
@@ -285,7 +332,13 @@ def format_tables(rows: list[dict], names: Sequence[str]) -> str:
             milliseconds[i] += f"  {row['bnjax_over_best']:.2f} ({row['best_alternative']})"
     ratios = _table(rows, names, "ratio_to_floor", ".2f")
     title = "ratio to the floor (x * a + b; its fwd+bwd in fwd+bwd rows)"
-    return "\n".join(["median ms", *milliseconds, "", title, *ratios])
+    tables = ["median ms", *milliseconds, "", title, *ratios, ""]
+    tables += ["effective bandwidth, GB/s (norm_cases.TRAFFIC bytes / median time)"]
+    tables += _table(rows, names, "gbps", ".1f")
+    if peak_gbps:
+        tables += ["", f"percent of the peak memory bandwidth, {peak_gbps:g} GB/s"]
+        tables += _table(rows, names, "peak_percent", ".0f")
+    return "\n".join(tables)
 
 
 def format_reasons(rows: list[dict]) -> str:
@@ -392,6 +445,7 @@ def plot_scaling(rows: list[dict], fits: dict, path: str) -> str | None:
 
 def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
     """What the numbers were measured on and with."""
+    import jax
     from norm_impls_jax import NCHW_NOTES as JAX_NCHW_NOTES
     from norm_impls_jax import NOTES as JAX_NOTES
     from norm_impls_libs import NCHW_NOTES as LIBRARY_NCHW_NOTES
@@ -402,6 +456,9 @@ def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
     return {
         "mode": mode,
         "repeats": args.repeats,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "peak_gbps": args.peak_gbps,
         "cpu": cpu_model(),
         "cpu_topology": cpu_topology(),
         "jax_threads": threads,
@@ -453,6 +510,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="a few ops on a smaller shape")
     mode.add_argument("--smoke", action="store_true", help="every op on tiny shapes")
     mode.add_argument("--scaling", action="store_true", help="bnjax vs floor, N = 8..256")
+    mode.add_argument("--gpu", action="store_true", help="the GPU plan: 256 MB and more")
     parser.add_argument("--repeats", type=int, help="timed calls per implementation")
     parser.add_argument("--out", help="JSON path (default results/bench_norms*.json)")
     parser.add_argument(
@@ -465,6 +523,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--baseline",
         help="a directory holding another bnjax source tree (e.g. a git worktree of an "
         "older commit), timed beside the installed one as the column `baseline`",
+    )
+    parser.add_argument(
+        "--peak-gbps",
+        type=float,
+        help="the device's peak memory bandwidth (default: PEAK_GBPS by device kind, if listed)",
     )
     parser.add_argument(
         "--no-malloc-tuning",
@@ -489,7 +552,10 @@ def _run_tables(args: argparse.Namespace, mode: str) -> tuple[str, list[dict], d
     """The plan's rows, printed; returns the JSON path, rows and extra metadata."""
     default = "bench_norms.json" if mode == "full" else f"bench_norms_{mode}.json"
     out = args.out or os.path.join("results", default)
-    names = [FLOOR, REFERENCE, *(args.only.split(",") if args.only else ALTERNATIVES)]
+    alternatives = args.only.split(",") if args.only else ALTERNATIVES
+    if mode == "gpu":  # numpy-ml runs on the CPU only
+        alternatives = [COPY, *(n for n in alternatives if n != "numpy-ml")]
+    names = [FLOOR, REFERENCE, *alternatives]
     if args.baseline:
         from norm_impls_jax import load_baseline
 
@@ -500,8 +566,8 @@ def _run_tables(args: argparse.Namespace, mode: str) -> tuple[str, list[dict], d
     if unknown:
         raise SystemExit(f"unknown implementations or ops: {sorted(unknown)}")
     plan = [(workload, [op for op in plan_ops if op in ops]) for workload, plan_ops in PLANS[mode]]
-    rows = run_plan(plan, names, args.repeats)
-    print(format_tables(rows, names))
+    rows = run_plan(plan, names, args.repeats, args.peak_gbps)
+    print(format_tables(rows, names, args.peak_gbps))
     print(format_reasons(rows))
     return out, rows, {"implementations": names}
 
@@ -524,8 +590,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Re-executing repeats the command line, so only a run as a script does it.
     ensure_steady_malloc(argv is None and not args.no_malloc_tuning)
-    mode = next((m for m in ("quick", "smoke", "scaling") if getattr(args, m)), "full")
+    mode = next((m for m in ("quick", "smoke", "scaling", "gpu") if getattr(args, m)), "full")
     args.repeats = args.repeats or DEFAULT_REPEATS[mode]
+    import jax
+
+    if mode == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--gpu needs a GPU; JAX's default backend is {jax.default_backend()}")
+    device = jax.devices()[0]
+    args.peak_gbps = args.peak_gbps or PEAK_GBPS.get(device.device_kind)
     threads = _match_threads()
     start = time.perf_counter()
     out, rows, extra = _run_scaling(args) if mode == "scaling" else _run_tables(args, mode)

@@ -88,6 +88,26 @@ OPS = {
 }
 
 
+# The least memory traffic of each op, in multiples of the bytes of x, from
+# which the effective bandwidth of a row is computed. Forward (`fwd`,
+# `eval-fwd`): read x, write y. Training forward with batch statistics: one
+# more read of x. Forward+backward over rows (LayerNorm, RMSNorm), whose
+# statistics stay on chip: read x and g, write dx. With statistics over
+# large strided blocks (BatchNorm, Batch Renorm, GroupNorm): x and g once for
+# the statistics and the sums the gradient needs, then x and g again and dx.
+TRAFFIC = {"fwd": 2, "eval-fwd": 2, "train-fwd": 3, "fwd+bwd": 5}
+ROW_NORMS_FWD_BWD_TRAFFIC = 3
+
+
+def ideal_bytes(workload: Workload, op: Op) -> int:
+    """The bytes `op` must move at least on `workload` (see `TRAFFIC`)."""
+    itemsize = {"float32": 4, "bfloat16": 2}[workload.dtype]
+    passes = TRAFFIC[op.mode]
+    if op.mode == "fwd+bwd" and op.norm in ("layernorm", "rmsnorm"):
+        passes = ROW_NORMS_FWD_BWD_TRAFFIC
+    return passes * itemsize * int(np.prod(workload.shape))
+
+
 class Inputs(NamedTuple):
     """The numbers of one case, float32 numpy, features last, exact in `dtype`.
 

@@ -306,3 +306,13 @@ def load_baseline(source_dir: str) -> Any:
             del sys.modules[name]
         sys.modules.update(installed)
     return baseline
+
+
+def copy(inputs: Inputs, op: Op) -> Forward:
+    """`y = x * 1`: a same-size copy, the roofline of a memory-bound op."""
+    return Forward(
+        lambda x, params, state: (x * 1,), _x(inputs), _params(inputs), None, inputs.channels_first
+    )
+
+
+COPY: dict[str, ForwardBuilder] = {norm: copy for norm in FLOOR}

@@ -89,20 +89,46 @@ def torch_bench(inputs: Inputs, op: Op, *, channels_last: bool) -> Bench:
     dtype = getattr(torch, inputs.dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    device = _torch_device(torch)
+
     def tensor(values: np.ndarray):
         t = torch.from_numpy(np.array(to_channels_first(values)))  # a writable copy
-        return t.to(dtype=dtype, memory_format=memory_format)
+        return t.to(device=device, dtype=dtype, memory_format=memory_format)
 
     x, g = tensor(inputs.x), tensor(inputs.g)
     weight_dtype = dtype if op.norm == "rmsnorm" else torch.float32
-    weights = [torch.from_numpy(p).to(weight_dtype) for p in inputs.params]
-    mean, var = torch.from_numpy(inputs.mean), torch.from_numpy(inputs.var)
+    weights = [torch.from_numpy(p).to(device=device, dtype=weight_dtype) for p in inputs.params]
+    mean, var = (torch.from_numpy(s).to(device) for s in (inputs.mean, inputs.var))
     if op.mode == "fwd+bwd":
         run = _torch_forward_and_backward(torch, forward, x, weights, g)
     else:
         run = _torch_forward_only(torch, forward, x, weights, mean, var, op.mode)
+    if device == "cuda":
+        run = _synchronized(torch, run)
     count = inputs.x.size // inputs.x.shape[-1]
     return Bench(run, lambda out: _torch_outputs(out, op, inputs.var, count))
+
+
+def _torch_device(torch) -> str:
+    """Where PyTorch runs: CUDA when JAX's default backend is a GPU, else the CPU."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise Skip("JAX runs on a GPU but this PyTorch has no CUDA")
+    return "cuda"
+
+
+def _synchronized(torch, run: Callable[[], tuple]) -> Callable[[], tuple]:
+    """`run` that returns once its CUDA kernels have finished, as JAX's results are awaited."""
+
+    def synchronized_run() -> tuple:
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    return synchronized_run
 
 
 def _torch_forward_only(torch, forward, x, weights, mean, var, mode: str) -> Callable[[], tuple]:
@@ -137,7 +163,7 @@ def _torch_forward_and_backward(torch, forward, x, weights, g) -> Callable[[], t
 
 def _torch_outputs(out: tuple, op: Op, var0: np.ndarray, count: int) -> list[np.ndarray]:
     """float32 numpy outputs, the first NHWC; PyTorch's unbiased running var made biased."""
-    first, *rest = [t.detach().float().numpy() for t in out]
+    first, *rest = [t.detach().float().cpu().numpy() for t in out]
     rest = [a.reshape(-1) for a in rest]
     if op.mode == "train-fwd":
         unbiased = (rest[1] - MOMENTUM * var0) / (1 - MOMENTUM)

@@ -222,8 +222,11 @@ def test_norms_benchmark_times_every_available_implementation(tmp_path):
             # Not timed only with a reason: no such op, or a library that is not installed.
             assert entry["status"] in ("ok", "n/a", "skipped"), (name, entry)
             if entry["status"] == "ok":
-                numbers = (entry["median_ms"], entry["min_ms"], entry["ratio_to_floor"])
-                assert all(math.isfinite(v) and v > 0 for v in numbers), (name, entry)
+                numbers = ("median_ms", "min_ms", "ratio_to_floor", "gbps")
+                assert all(math.isfinite(entry[v]) and entry[v] > 0 for v in numbers), entry
+                # The effective bandwidth is the op's least traffic over its median time.
+                seconds = entry["median_ms"] / 1e3
+                assert entry["gbps"] == pytest.approx(row["ideal_bytes"] / seconds / 1e9)
                 timed.add(name)
             else:
                 assert entry["reason"], (name, entry)
@@ -241,12 +244,40 @@ def test_norms_benchmark_times_every_available_implementation(tmp_path):
         assert results["numpy-ml"]["status"] == "n/a", results["numpy-ml"]
         flax = "n/a" if op.startswith("gn") else "ok"  # linen's GroupNorm is channels-last
         assert results["flax"]["status"] == flax, (op, results["flax"])
+    # Least traffic, in passes over x: read x, write y; training reads x once more for
+    # the statistics; LayerNorm's fwd+bwd reads x and g and writes dx.
+    traffic = {(row["workload"], row["op"]): row["ideal_bytes"] for row in rows}
+    x_bytes = 4 * 8 * 8 * 64 * 4
+    assert traffic["NHWC (4,8,8,64) f32", "bn-eval-fwd"] == 2 * x_bytes
+    assert traffic["NHWC (4,8,8,64) f32", "bn-train-fwd"] == 3 * x_bytes
+    assert traffic["NHWC (4,8,8,64) f32", "ln-fwd+bwd"] == 3 * x_bytes
+    assert traffic["NHWC (4,8,8,64) f32", "gn-fwd+bwd"] == 5 * x_bytes
+    assert traffic["NHWC (4,8,8,64) bf16", "bn-train-fwd+bwd"] == 5 * x_bytes // 2
     tokens = {row["op"] for row in rows if row["workload"].startswith("NC (")}
     assert tokens >= {"rms-fwd", "ln-fwd+bwd"}, tokens
     meta = json.loads(out.read_text())["meta"]
     assert meta["cpu"] and meta["cpu_topology"]["schedulable_cpus"] >= 1, meta
     assert {"jax", "jaxlib", "flax", "dm-haiku", "torch"} <= set(meta["versions"]), meta
     assert meta["date"] and set(meta["nchw_notes"]) >= {"flax", "haiku", "torch"}, meta
+    assert meta["backend"] == "cpu" and meta["peak_gbps"] is None, meta
+
+
+def test_norms_benchmark_gpu_plan_streams_at_least_256_mb_per_input(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
+    bench_norms = importlib.import_module("bench_norms")
+    workloads = bench_norms.PLANS["gpu"]
+    assert {op for _, ops in workloads for op in ops} >= set(bench_norms.TRANSFORMER_OPS)
+    for workload, ops in workloads:
+        itemsize = {"float32": 4, "bfloat16": 2}[workload.dtype]
+        assert math.prod(workload.shape) * itemsize >= 256e6, workload
+        assert ops and set(ops) <= set(bench_norms.OPS), ops
+
+
+def test_norms_benchmark_gpu_plan_needs_a_gpu():
+    script = EXAMPLES.parent / "benchmarks" / "bench_norms.py"
+    result = run_demo("--gpu", script=script)
+    assert result.returncode != 0
+    assert "--gpu needs a GPU; JAX's default backend is cpu" in result.stderr
 
 
 def test_compare_runs_tables_bnjax_over_the_fastest_matching_jax_library(tmp_path):
