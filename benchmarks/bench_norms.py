@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from importlib import metadata
 
+import timing
 from norm_cases import (
     OPS,
     TOLERANCES,
@@ -45,7 +46,6 @@ from norm_cases import (
     mismatch,
 )
 from timing import (
-    CACHE_FLUSH_BYTES,
     cpu_model,
     cpu_topology,
     ensure_steady_malloc,
@@ -464,7 +464,8 @@ def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
         "jax_threads": threads,
         "torch_threads": _torch_threads(),
         "malloc": malloc_settings(),
-        "cache_flush_bytes": CACHE_FLUSH_BYTES,
+        "cache_flush_bytes": timing.CACHE_FLUSH_BYTES,
+        "largest_cache_bytes": timing.largest_cache_bytes(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {name: _version(name) for name in LIBRARIES},
         "tolerances": {
@@ -592,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_steady_malloc(argv is None and not args.no_malloc_tuning)
     mode = next((m for m in ("quick", "smoke", "scaling", "gpu") if getattr(args, m)), "full")
     args.repeats = args.repeats or DEFAULT_REPEATS[mode]
+    if mode == "smoke":  # tiny inputs, and seconds per run: the least flush will do
+        timing.CACHE_FLUSH_BYTES = timing.MIN_CACHE_FLUSH_BYTES
     import jax
 
     if mode == "gpu" and jax.default_backend() != "gpu":

@@ -4,7 +4,9 @@ JAX is imported inside the functions, so a script can still set `XLA_FLAGS`
 (e.g. simulated devices) after importing this module.
 """
 
+import functools
 import gc
+import glob
 import json
 import os
 import platform
@@ -38,12 +40,34 @@ class Timing(NamedTuple):
     min: float
 
 
+def largest_cache_bytes() -> int | None:
+    """The bytes of the CPU's largest cache (usually its L3), from sysfs; None if unknown."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(index) as f:
+            text = f.read().strip()
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=None)
+
+
 # Read before every timed call so that each starts with the caches holding
-# none of its data: twice a 32 MiB L3. Without it a call's time depends on
-# what the previous call left in cache (an input of 26 MB nearly fits), so
-# the same implementation measured 1.5x or 2.4x the floor depending on its
-# neighbours in the round-robin.
-CACHE_FLUSH_BYTES = 64 * 2**20
+# none of its data: twice the largest cache, and at least 64 MiB. Without it
+# a call's time depends on what the previous call left in cache (an input of
+# 26 MB nearly fits a 32 MiB L3), so the same implementation measured 1.5x or
+# 2.4x the floor depending on its neighbours in the round-robin. A fixed
+# 64 MiB was not enough on an Intel Xeon whose L3 is 480 MiB: the inputs
+# stayed in it, and the floor's (32, 56, 56, 64) call took 1.85 ms against
+# 4.35 ms after a 1 GiB read.
+MIN_CACHE_FLUSH_BYTES = 64 * 2**20
+CACHE_FLUSH_BYTES = max(MIN_CACHE_FLUSH_BYTES, 2 * (largest_cache_bytes() or 0))
+
+
+@functools.cache
+def _scratch(size: int) -> Any:
+    import numpy as np
+
+    return np.ones(size // 8)
 
 
 def flush_caches(scratch: Any) -> None:
@@ -58,15 +82,14 @@ def interleaved_samples(
 
     Repetitions go round-robin across the thunks, so that drifts of a shared,
     noisy machine affect all of them alike. Before each timed call the caches
-    are flushed (`CACHE_FLUSH_BYTES`), so every call starts cold. Every output
+    are flushed (`CACHE_FLUSH_BYTES`, read when called), so every call starts cold. Every output
     is waited for with `jax.block_until_ready` (a no-op for PyTorch and numpy
     results, which are ready on return). The garbage collector is paused
     while timing.
     """
     import jax
-    import numpy as np
 
-    scratch = np.ones(CACHE_FLUSH_BYTES // 8)
+    scratch = _scratch(CACHE_FLUSH_BYTES)
 
     for _ in range(warmup):
         for thunk in thunks.values():

@@ -260,6 +260,7 @@ def test_norms_benchmark_times_every_available_implementation(tmp_path):
     assert {"jax", "jaxlib", "flax", "dm-haiku", "torch"} <= set(meta["versions"]), meta
     assert meta["date"] and set(meta["nchw_notes"]) >= {"flax", "haiku", "torch"}, meta
     assert meta["backend"] == "cpu" and meta["peak_gbps"] is None, meta
+    assert meta["cache_flush_bytes"] == 64 * 2**20, meta  # --smoke's, whatever the caches
 
 
 def test_norms_benchmark_gpu_plan_streams_at_least_256_mb_per_input(monkeypatch):
