@@ -1,6 +1,7 @@
 """Inputs and parameters shared by the tests: seeded, non-trivial, in one place."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,3 +56,13 @@ def random_mask(rng, shape, fraction=0.6):
 def f64(a):
     """`a` as a float64 numpy array, for the references; None stays None."""
     return None if a is None else np.asarray(a, np.float64)
+
+
+def equations(jaxpr):
+    """Every equation of `jaxpr`, and recursively those of its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += equations(sub)
+    return found

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from tests import references
+from tests import helpers, references
 from tests.helpers import random_examples, random_params
 from tests.tolerances import GRAD_TOL, LARGE_MEAN_TOL, TOL
 
@@ -306,3 +306,26 @@ def test_param_dtype_float64_gives_float64_params(x64):
     assert y.dtype == jnp.float64
     expected = references.layernorm(x, None, None, axes=(1, 3))
     np.testing.assert_allclose(y, expected, **TOL["float64"])
+
+
+def test_reverse_mode_reduces_each_row_five_times():
+    # Three row sums for the statistics (the rough mean, its correction, the
+    # variance) and two for dx (of g * scale, and of g * scale * (x - mean)).
+    # The variance's derivative through the mean, -2 E[x - mean], is exactly
+    # zero and takes none.
+    x = jnp.ones((4, 16))
+    g = jnp.arange(64.0).reshape(x.shape)
+    params = bnjax.layernorm_init(16)
+
+    def loss(x):
+        return jnp.vdot(bnjax.layernorm_apply(params, x), g)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(x).jaxpr
+    row_sums = [
+        eqn
+        for eqn in helpers.equations(jaxpr)
+        if eqn.primitive.name == "reduce_sum"
+        and eqn.invars[0].aval.shape == x.shape
+        and eqn.params["axes"] == (1,)
+    ]
+    assert len(row_sums) == 5

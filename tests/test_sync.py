@@ -16,7 +16,6 @@ import contextlib
 import math
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
-from tests import references
+from tests import helpers, references
 from tests.helpers import random_input, random_mask, random_params
 from tests.tolerances import LARGE_MEAN_TOL, SYNC_GRAD_TOL, SYNC_TOL
 
@@ -191,13 +190,11 @@ def _assert_state_close(stacked_state, expected, tol):
 
 def _collectives(jaxpr):
     """The cross-device collective equations of `jaxpr`, recursively through sub-jaxprs."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if any(name in eqn.primitive.name for name in COLLECTIVES):
-            found.append(eqn)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found += _collectives(sub)
-    return found
+    return [
+        eqn
+        for eqn in helpers.equations(jaxpr)
+        if any(name in eqn.primitive.name for name in COLLECTIVES)
+    ]
 
 
 def _payload(eqns):

@@ -75,7 +75,8 @@ def moments(
     * Rows (the reduced axes are the trailing ones: LayerNorm, RMSNorm,
       InstanceNorm on NCHW): `s` is the row's mean, and the variance is
       then taken about the corrected mean, `E[(x - mean)^2]`, the textbook
-      two-pass form. A row is one kept position's data, so compilers keep
+      two-pass form (its derivative through the mean, exactly zero, is
+      left out: `_mean_square_deviation`). A row is one kept position's data, so compilers keep
       it on chip between the passes (XLA fuses them into one loop on CPU
       and one kernel on GPU), and the extra passes cost no memory traffic.
     * Columns (every other layout: BatchNorm on NHWC and NCHW, GroupNorm
@@ -123,16 +124,49 @@ def _row_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) ->
     dtype = stats_dtype(x.dtype)
     count = _count(x.shape, axes, mask)
     safe_count = jnp.maximum(count, 1).astype(dtype)
-
-    def mean_of(v: jax.Array) -> jax.Array:
-        v = v if mask is None else jnp.where(mask, v, 0)
-        return jnp.sum(v, axes, keepdims=True) / safe_count
-
-    rough = lax.stop_gradient(mean_of(x.astype(dtype)))
+    rough = lax.stop_gradient(_masked_mean(x.astype(dtype), mask, safe_count, axes))
     # For mean 1e4, std 1 in float32 the plain mean is off by ~1e-3, the
     # mean of the deviations from it corrects that to the last bit.
-    mean = rough + mean_of(x.astype(dtype) - rough)
-    return Moments(mean, mean_of(jnp.square(x.astype(dtype) - mean)), count)
+    mean = rough + _masked_mean(x.astype(dtype) - rough, mask, safe_count, axes)
+    var = _mean_square_deviation(x.astype(dtype), mean, mask, safe_count, axes)
+    return Moments(mean, var, count)
+
+
+def _masked_mean(
+    v: jax.Array, mask: jax.Array | None, safe_count: jax.Array, axes: tuple[int, ...]
+) -> jax.Array:
+    """The mean of `v` over `axes` (kept with size 1), masked entries left out."""
+    v = v if mask is None else jnp.where(mask, v, 0)
+    return jnp.sum(v, axes, keepdims=True) / safe_count
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _mean_square_deviation(
+    x: jax.Array,
+    mean: jax.Array,
+    mask: jax.Array | None,
+    safe_count: jax.Array,
+    axes: tuple[int, ...],
+) -> jax.Array:
+    """`E[(x - mean)^2]` over `axes`, for `mean` the (masked) mean of `x` over `axes`.
+
+    Through `mean` its derivative is `-2 E[x - mean] dmean`, exactly zero for
+    that mean; autodiff would still take `E[x - mean]`, one more reduction
+    per row in reverse mode. The JVP rule leaves the term out, and is itself
+    differentiable, so every higher derivative is the textbook formula's.
+    """
+    return _masked_mean(jnp.square(x - mean), mask, safe_count, axes)
+
+
+@_mean_square_deviation.defjvp
+def _mean_square_deviation_jvp(
+    axes: tuple[int, ...],
+    primals: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array],
+    tangents: tuple[jax.Array, object, object, object],
+) -> tuple[jax.Array, jax.Array]:
+    x, mean, mask, safe_count = primals
+    var = _mean_square_deviation(x, mean, mask, safe_count, axes)
+    return var, 2 * _masked_mean((x - mean) * tangents[0], mask, safe_count, axes)
 
 
 def _column_moments(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> Moments:
