@@ -75,10 +75,11 @@ def moments(
     * Rows (the reduced axes are the trailing ones: LayerNorm, RMSNorm,
       InstanceNorm on NCHW): `s` is the row's mean, and the variance is
       then taken about the corrected mean, `E[(x - mean)^2]`, the textbook
-      two-pass form (its derivative through the mean, exactly zero, is
-      left out: `_mean_square_deviation`). A row is one kept position's data, so compilers keep
-      it on chip between the passes (XLA fuses them into one loop on CPU
-      and one kernel on GPU), and the extra passes cost no memory traffic.
+      two-pass form (its derivative through the mean, exactly zero, is left
+      out: `_mean_square_deviation`). A row is one kept position's data, so
+      compilers keep it on chip between the passes (XLA fuses them into one
+      loop on CPU and one kernel on GPU), and the extra passes cost no
+      memory traffic.
     * Columns (every other layout: BatchNorm on NHWC and NCHW, GroupNorm
       on NHWC): each statistic spans a large strided block, so a pass is
       a trip through memory.
