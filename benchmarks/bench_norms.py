@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from importlib import metadata
+from typing import NamedTuple
 
 import timing
 from norm_cases import (
@@ -160,6 +161,15 @@ LINEAR_TOLERANCE = 0.15  # the largest relative residual of a fit still called l
 LIBRARIES = ("jax", "jaxlib", "flax", "dm-haiku", "equinox", "torch", "numpy-ml", "numpy")
 
 
+class Timed(NamedTuple):
+    """How a row is timed: calls per implementation, the bytes read before each
+    (`timing.CACHE_FLUSH_BYTES`), and the device's peak bandwidth in GB/s, if known."""
+
+    repeats: int
+    flush_bytes: int = timing.CACHE_FLUSH_BYTES
+    peak_gbps: float | None = None
+
+
 _BASELINE_MODULE: list = []  # the bnjax copy of `--baseline`, once loaded
 
 
@@ -224,13 +234,7 @@ def _build_and_check(
     return {"status": "ok", "first_call_s": first_call_s}, bench, outputs
 
 
-def run_case(
-    workload: Workload,
-    op_key: str,
-    names: Sequence[str],
-    repeats: int,
-    peak_gbps: float | None = None,
-) -> dict:
+def run_case(workload: Workload, op_key: str, names: Sequence[str], timed: Timed) -> dict:
     """One row: every implementation in `names` checked, then the agreeing ones timed.
 
     bnjax runs first, whether in `names` or not: its outputs are the reference.
@@ -249,14 +253,16 @@ def run_case(
         results[name] = result
         if bench is not None and name in names:
             benches[name] = bench
-    samples = interleaved_samples({n: b.run for n, b in benches.items()}, repeats)
+    samples = interleaved_samples(
+        {n: b.run for n, b in benches.items()}, timed.repeats, flush_bytes=timed.flush_bytes
+    )
     traffic = ideal_bytes(workload, op)
     for name, times in samples.items():
         timing = summarize(times)
         gbps = traffic / timing.median / 1e9
         results[name].update(median_ms=1e3 * timing.median, min_ms=1e3 * timing.min, gbps=gbps)
-        if peak_gbps:
-            results[name]["peak_percent"] = 100 * gbps / peak_gbps
+        if timed.peak_gbps:
+            results[name]["peak_percent"] = 100 * gbps / timed.peak_gbps
     return {**_row(workload, op_key, results), "ideal_bytes": traffic}
 
 
@@ -283,12 +289,7 @@ def _row(workload: Workload, op_key: str, results: dict[str, dict]) -> dict:
     }
 
 
-def run_plan(
-    plan: list[tuple[Workload, list[str]]],
-    names: Sequence[str],
-    repeats: int,
-    peak_gbps: float | None = None,
-):
+def run_plan(plan: list[tuple[Workload, list[str]]], names: Sequence[str], timed: Timed):
     """Every row of the plan, with a progress bar over the cases."""
     from tqdm import tqdm
 
@@ -297,7 +298,7 @@ def run_plan(
     with tqdm(cases, unit="case", file=sys.stderr) as bar:
         for workload, op in bar:
             bar.set_postfix_str(f"{workload.name} {OPS[op].label}")
-            rows.append(run_case(workload, op, names, repeats, peak_gbps))
+            rows.append(run_case(workload, op, names, timed))
     return rows
 
 
@@ -372,14 +373,14 @@ def linear_fit(batches: Sequence[int], ms: Sequence[float]) -> dict:
     }
 
 
-def run_scaling(repeats: int) -> tuple[list[dict], dict]:
+def run_scaling(timed: Timed) -> tuple[list[dict], dict]:
     """bnjax BatchNorm train fwd+bwd and its floor at (N, 56, 56, 64) for each N."""
     from tqdm import tqdm
 
     rows = []
     for n in tqdm(SCALING_BATCHES, unit="batch size", file=sys.stderr):
         workload = Workload((n, *SCALING_EXAMPLE), "float32")
-        rows.append(run_case(workload, "bn-train-fwd+bwd", [FLOOR, REFERENCE], repeats))
+        rows.append(run_case(workload, "bn-train-fwd+bwd", [FLOOR, REFERENCE], timed))
     fits = {}
     for name in (REFERENCE, FLOOR):
         ms = [row["results"][name]["median_ms"] for row in rows]
@@ -443,7 +444,7 @@ def plot_scaling(rows: list[dict], fits: dict, path: str) -> str | None:
 # --- the command line -----------------------------------------------------------
 
 
-def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
+def _metadata(args: argparse.Namespace, mode: str, timed: Timed, threads: int) -> dict:
     """What the numbers were measured on and with."""
     import jax
     from norm_impls_jax import NCHW_NOTES as JAX_NCHW_NOTES
@@ -458,13 +459,13 @@ def _metadata(args: argparse.Namespace, mode: str, threads: int) -> dict:
         "repeats": args.repeats,
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
-        "peak_gbps": args.peak_gbps,
+        "peak_gbps": timed.peak_gbps,
         "cpu": cpu_model(),
         "cpu_topology": cpu_topology(),
         "jax_threads": threads,
         "torch_threads": _torch_threads(),
         "malloc": malloc_settings(),
-        "cache_flush_bytes": timing.CACHE_FLUSH_BYTES,
+        "cache_flush_bytes": timed.flush_bytes,
         "largest_cache_bytes": timing.largest_cache_bytes(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {name: _version(name) for name in LIBRARIES},
@@ -538,10 +539,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _run_scaling(args: argparse.Namespace) -> tuple[str, list[dict], dict]:
+def _run_scaling(args: argparse.Namespace, timed: Timed) -> tuple[str, list[dict], dict]:
     """The scaling rows, printed and plotted; returns the JSON path, rows and extra metadata."""
     out = args.out or "results/batchnorm_scaling.json"
-    rows, fits = run_scaling(args.repeats)
+    rows, fits = run_scaling(timed)
     print(format_scaling(rows, fits))
     plot_path = os.path.join(os.path.dirname(out) or ".", "batchnorm_scaling.png")
     plot = plot_scaling(rows, fits, plot_path)
@@ -549,7 +550,7 @@ def _run_scaling(args: argparse.Namespace) -> tuple[str, list[dict], dict]:
     return out, rows, {"fits": fits, "plot": plot}
 
 
-def _run_tables(args: argparse.Namespace, mode: str) -> tuple[str, list[dict], dict]:
+def _run_tables(args: argparse.Namespace, mode: str, timed: Timed) -> tuple[str, list[dict], dict]:
     """The plan's rows, printed; returns the JSON path, rows and extra metadata."""
     default = "bench_norms.json" if mode == "full" else f"bench_norms_{mode}.json"
     out = args.out or os.path.join("results", default)
@@ -567,8 +568,8 @@ def _run_tables(args: argparse.Namespace, mode: str) -> tuple[str, list[dict], d
     if unknown:
         raise SystemExit(f"unknown implementations or ops: {sorted(unknown)}")
     plan = [(workload, [op for op in plan_ops if op in ops]) for workload, plan_ops in PLANS[mode]]
-    rows = run_plan(plan, names, args.repeats, args.peak_gbps)
-    print(format_tables(rows, names, args.peak_gbps))
+    rows = run_plan(plan, names, timed)
+    print(format_tables(rows, names, timed.peak_gbps))
     print(format_reasons(rows))
     return out, rows, {"implementations": names}
 
@@ -593,19 +594,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_steady_malloc(argv is None and not args.no_malloc_tuning)
     mode = next((m for m in ("quick", "smoke", "scaling", "gpu") if getattr(args, m)), "full")
     args.repeats = args.repeats or DEFAULT_REPEATS[mode]
-    # Tiny inputs (smoke), or inputs that live on the GPU: the least flush will do.
-    if mode in ("smoke", "gpu"):
-        timing.CACHE_FLUSH_BYTES = timing.MIN_CACHE_FLUSH_BYTES
     import jax
 
     if mode == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--gpu needs a GPU; JAX's default backend is {jax.default_backend()}")
-    device = jax.devices()[0]
-    args.peak_gbps = args.peak_gbps or PEAK_GBPS.get(device.device_kind)
+    timed = Timed(
+        args.repeats,
+        # Tiny inputs (smoke), or inputs that live on the GPU: the least flush will do.
+        timing.MIN_CACHE_FLUSH_BYTES if mode in ("smoke", "gpu") else timing.CACHE_FLUSH_BYTES,
+        args.peak_gbps or PEAK_GBPS.get(jax.devices()[0].device_kind),
+    )
     threads = _match_threads()
     start = time.perf_counter()
-    out, rows, extra = _run_scaling(args) if mode == "scaling" else _run_tables(args, mode)
-    meta = {**_metadata(args, mode, threads), **extra, "wall_s": time.perf_counter() - start}
+    if mode == "scaling":
+        out, rows, extra = _run_scaling(args, timed)
+    else:
+        out, rows, extra = _run_tables(args, mode, timed)
+    meta = {**_metadata(args, mode, timed, threads), **extra, "wall_s": time.perf_counter() - start}
     print(f"total {meta['wall_s']:.1f} s, {args.repeats} repeats, {threads} threads")
     write_results(out, rows, **meta)
     return 1 if _report_failures(rows) else 0

@@ -76,20 +76,23 @@ def flush_caches(scratch: Any) -> None:
 
 
 def interleaved_samples(
-    thunks: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1
+    thunks: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    flush_bytes: int = CACHE_FLUSH_BYTES,
 ) -> dict[str, list[float]]:
     """Seconds of each timed call of each thunk, after `warmup` untimed calls each.
 
     Repetitions go round-robin across the thunks, so that drifts of a shared,
     noisy machine affect all of them alike. Before each timed call the caches
-    are flushed (`CACHE_FLUSH_BYTES`, read when called), so every call starts cold. Every output
+    are flushed (a read of `flush_bytes`), so every call starts cold. Every output
     is waited for with `jax.block_until_ready` (a no-op for PyTorch and numpy
     results, which are ready on return). The garbage collector is paused
     while timing.
     """
     import jax
 
-    scratch = _scratch(CACHE_FLUSH_BYTES)
+    scratch = _scratch(flush_bytes)
 
     for _ in range(warmup):
         for thunk in thunks.values():

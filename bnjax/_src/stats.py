@@ -238,11 +238,8 @@ def mean_square(x: jax.Array, axes: tuple[int, ...], *, mask: jax.Array | None =
       The mean square; 0 where no entry contributes.
     """
     dtype = stats_dtype(x.dtype)
-    squares = jnp.square(x.astype(dtype))
-    if mask is not None:
-        squares = jnp.where(mask, squares, 0)
-    count = _count(x.shape, axes, mask)
-    return jnp.sum(squares, axes, keepdims=True) / jnp.maximum(count, 1).astype(dtype)
+    safe_count = jnp.maximum(_count(x.shape, axes, mask), 1).astype(dtype)
+    return _masked_mean(jnp.square(x.astype(dtype)), mask, safe_count, axes)
 
 
 def pool(
